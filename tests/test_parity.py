@@ -1,0 +1,20 @@
+"""The shared parity suite: every case on every backend usable here, against the reference
+(and the reference against the case's independent implementation where it has one)."""
+from __future__ import annotations
+
+import pytest
+
+import v4kernels._registry as R
+from v4kernels.testing import run_case, select_cases
+
+CASES = select_cases(include_large=False)
+BACKENDS = list(R.BACKENDS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_parity(case, backend):
+    res = run_case(case, backend)
+    if res.status == "skip":
+        pytest.skip(res.detail)
+    assert res.status == "pass", res.detail

@@ -1,0 +1,110 @@
+"""Input validation shared by every public op.
+
+All checks run before any kernel launches and raise ``TypeError`` (wrong type/dtype) or
+``ValueError`` (wrong shape, device, value) naming the op, the argument, the expected and the
+actual value. Checks that must *read tensor values* (index ranges, tid2eid entries) only run
+when :func:`value_checks_enabled` says so: always for CPU tensors, on accelerators only under
+``V4K_CHECKS=full`` (reading values there forces a device synchronisation and breaks graph
+capture). ``V4K_CHECKS=off`` disables value checks everywhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn,)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _dt(dtypes: Iterable[torch.dtype]) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """Validate one tensor argument; ``None`` entries in ``shape`` match any size."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        nds = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in nds:
+            raise ValueError(
+                f"{op}: {name} must have {' or '.join(map(str, nds))} dims, got shape {tuple(t.shape)}"
+            )
+    if shape is not None:
+        if t.dim() != len(shape) or any(e is not None and e != a for e, a in zip(shape, t.shape)):
+            exp = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
+            raise ValueError(f"{op}: {name} must have shape {exp}, got {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype {_dt(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)})")
+    return t
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devs.items()))
+    for n, d in devs.items():
+        if d != first:
+            raise ValueError(f"{op}: {n} is on {d} but {first_name} is on {first}; all tensors must share a device")
+    return first
+
+
+def check_dim(op: str, name: str, t: torch.Tensor, dim: int, expected: int, what: str = "") -> None:
+    if t.shape[dim] != expected:
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{op}: {name}.shape[{dim}] must be {expected}{extra}, got {t.shape[dim]} (shape {list(t.shape)})")
+
+
+def check_value(op: str, name: str, value: object, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{op}: {name} must be {expected}, got {value!r}")
+
+
+def check_int(op: str, name: str, value: object, *, minimum: int | None = None, choices: Sequence[int] | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {list(choices)}, got {value}")
+    return value
+
+
+def value_checks_enabled(*tensors: torch.Tensor) -> bool:
+    mode = os.environ.get("V4K_CHECKS", "auto")
+    if mode == "off":
+        return False
+    for t in tensors:
+        if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+            return False
+    if mode == "full":
+        return True
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def check_index_range(op: str, name: str, idx: torch.Tensor, n: int, allow_sentinel: bool = True) -> None:
+    """Indices must lie in ``[0, n)`` (or be the -1 sentinel). Reads values: see module doc."""
+    if idx.numel() == 0 or not value_checks_enabled(idx):
+        return
+    lo = -1 if allow_sentinel else 0
+    mn, mx = int(idx.min()), int(idx.max())
+    if mn < lo or mx >= n:
+        bad = idx[(idx < lo) | (idx >= n)]
+        exp = f"[-1, {n})" if allow_sentinel else f"[0, {n})"
+        raise ValueError(
+            f"{op}: {name} entries must lie in {exp}, got min {mn}, max {mx} "
+            f"(first offending value {int(bad.flatten()[0])})"
+        )
