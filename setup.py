@@ -25,6 +25,64 @@ def _flag(name: str) -> str | None:
     return None if v is None or v == "" else v
 
 
+_ISA_FLAGS = {
+    # name: (compiler flags, /proc/cpuinfo flags the build machine must have)
+    "avx512": (
+        ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+        {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    ),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    "baseline": ([], set()),
+}
+
+
+def _compiler_accepts(flags: list[str]) -> bool:
+    import shutil
+    import subprocess
+    import tempfile
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        r = subprocess.run([cxx, *flags, "-c", src, "-o", os.path.join(d, "t.o")], capture_output=True)
+        return r.returncode == 0
+
+
+def _cpu_isa() -> tuple[str, list[str]]:
+    """Vector ISA of the CPU extension: the widest one both the compiler and this (build) machine
+    support, so the kernels never execute an instruction the build machine lacks.
+
+    ``V4K_CPU_ISA=avx512|avx2|baseline`` overrides (e.g. ``baseline`` for a wheel meant for older
+    x86 machines); ``V4K_CPU_NATIVE=1`` compiles with ``-march=native``. At import the extension
+    refuses to load (ImportError with the reason) on a CPU without the ISA it was built for.
+    """
+    if _flag("V4K_CPU_NATIVE") == "1":
+        return "native", ["-march=native"]
+    forced = _flag("V4K_CPU_ISA")
+    if forced is not None:
+        if forced not in _ISA_FLAGS:
+            raise ValueError(f"V4K_CPU_ISA must be one of {sorted(_ISA_FLAGS)}, got {forced!r}")
+        return forced, _ISA_FLAGS[forced][0]
+    have: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    for name in ("avx512", "avx2"):
+        flags, need = _ISA_FLAGS[name]
+        if need <= have and _compiler_accepts(flags):
+            return name, flags
+    return "baseline", []
+
+
 def _cpu_extension():
     """Return (ext_modules, cmdclass) for the CPU extension, or record why it is skipped."""
     if _flag("V4K_BUILD_CPU") == "0":
@@ -59,12 +117,16 @@ def _cpu_extension():
                 print(f"warning: optional CPU extension not built: {e}", file=sys.stderr)
             _write_build_info(self.build_lib)
 
-    extra = ["-O3", "-fopenmp", "-std=c++17", "-march=native" if _flag("V4K_CPU_NATIVE") == "1" else "-mavx2", "-mfma", "-mf16c"]
+    isa, isa_flags = _cpu_isa()
+    BUILD_INFO["cpu_isa"] = isa
+    # -ffp-contract=fast: fuse a*b+c into FMA (ISO -std=c++17 would otherwise forbid it).
+    extra = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=fast", *isa_flags]
     ext = CppExtension(
         name="v4kernels._C_cpu",
         sources=sources,
         extra_compile_args={"cxx": extra},
         extra_link_args=["-fopenmp"],
+        define_macros=[("V4K_CPU_ISA", f'"{isa}"')],
     )
     BUILD_INFO["cpu"] = "pending"
     return [ext], {"build_ext": OptionalBuildExtension}

@@ -1,0 +1,200 @@
+// Shared helpers of the native CPU kernels: storage decoders (bf16, fp16, FP8 e4m3, FP4 e2m1,
+// UE8M0), fp32 -> bf16/fp16 rounding, and a fixed-width fp32 vector type.
+//
+// The kernel translation units include only this header and the standard library (no torch
+// headers), so they compile in a few seconds; csrc/cpu/register.cpp owns every ATen call.
+//
+// Vector width: GCC vector extensions lower `vf` to one zmm (AVX-512F), one ymm (AVX) or one
+// xmm register (baseline x86-64 / other targets), so every kernel is portable and picks up the
+// widest ISA the extension was compiled for (setup.py enables -mavx2/-mavx512f only when the
+// compiler and the build machine support them).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace v4k_cpu {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;   // fp32 lanes per vector
+constexpr int NREG = 32; // architectural vector registers
+#elif defined(__AVX__)
+constexpr int VW = 8;
+constexpr int NREG = 16;
+#else
+constexpr int VW = 4;
+constexpr int NREG = 16;
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  // unaligned access
+
+static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+static inline vf vbcast(float x) { return vf{} + x; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline float vsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+
+// Storage type codes passed from register.cpp.
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
+      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | man << 13;
+  } else {
+    u = sign | (exp + 112) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
+  if (a < 0x38800000u) {  // fp16 subnormal or zero: exact arithmetic rounding via float add
+    float af;
+    std::memcpy(&af, &a, 4);
+    // 2^-24 is the fp16 subnormal step; adding 0.5 (as magic) rounds RNE in fp32.
+    float r = af * 16777216.0f;  // scale to units of 2^-24
+    uint32_t m = static_cast<uint32_t>(std::nearbyint(r));
+    return static_cast<uint16_t>(sign | m);
+  }
+  uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+// e4m3fn byte -> fp32 (NaN for 0x7f/0xff).
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) {
+      int s = b >> 7, e = (b >> 3) & 0xf, m = b & 7;
+      float x;
+      if (e == 0xf && m == 7)
+        x = std::numeric_limits<float>::quiet_NaN();
+      else if (e == 0)
+        x = std::ldexp(static_cast<float>(m), -9);
+      else
+        x = std::ldexp(1.0f + m / 8.0f, e - 7);
+      v[b] = s ? -x : x;
+    }
+  }
+};
+extern const Fp8Table kFp8;
+
+// e2m1 nibble -> fp32 (SPEC §4.1).
+static const float kFp4[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
+                               -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+// UE8M0 byte -> 2^(e-127) (0xff = NaN).
+static inline float ue8m0_to_f32(uint8_t e) {
+  if (e == 0xff) return std::numeric_limits<float>::quiet_NaN();
+  if (e == 0) return std::ldexp(1.0f, -127);
+  uint32_t u = static_cast<uint32_t>(e) << 23;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Decode n values of a float storage type to fp32.
+static inline void load_row(const void* src, int dtype, float* dst, int64_t n) {
+  if (dtype == F32) {
+    std::memcpy(dst, src, n * 4);
+  } else if (dtype == BF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+  }
+}
+
+// Round n fp32 values into a float storage type.
+static inline void store_row(const float* src, int dtype, void* dst, int64_t n) {
+  if (dtype == F32) {
+    std::memcpy(dst, src, n * 4);
+  } else if (dtype == BF16) {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
+  }
+}
+
+static inline int elem_size(int dtype) { return dtype == F32 ? 4 : 2; }
+
+static inline int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+static inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// 64-byte aligned scratch buffer.
+struct Scratch {
+  std::vector<float> buf;
+  float* get(size_t n) {
+    if (buf.size() < n + 16) buf.assign(n + 16, 0.f);
+    uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+  }
+};
+
+}  // namespace v4k_cpu

@@ -1,0 +1,234 @@
+"""Native CPU backend (csrc/cpu): the extension is loaded when built, and its kernels agree with
+small independent fp32 implementations written here from SPEC, on the paths the shared parity
+cases do not stress: split index lists/key ranges (decode), tile tails, all-skipped rows,
+causal limits at window boundaries, thread counts and big sinks.
+(The shared suite in tests/test_parity.py runs every parity case on the cpu backend as well.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import v4kernels as v4k
+import v4kernels._registry as R
+from v4kernels._ext import build_info
+
+_REASONS = R.get_backend("cpu").backend_reasons("cpu")
+needs_ext = pytest.mark.skipif(bool(_REASONS), reason="; ".join(_REASONS) or "cpu extension loaded")
+
+
+def test_extension_loaded_when_built():
+    recorded = build_info().get("cpu")
+    if recorded != "built":
+        pytest.skip(f"cpu extension not built here: {recorded or 'no build record (source checkout)'}")
+    assert not _REASONS, _REASONS
+    assert hasattr(torch.ops.v4k_cpu, "sparse_attn")
+    # the cpu backend is preferred over the reference on CPU tensors
+    assert [b.name for b in R.candidates("sparse_attn", "cpu")][0] == "cpu"
+
+
+# ------------------------------------------------------------------------------ sparse_attn
+def _naive_attn(q, kv_f32, sink, idx, scale):
+    """Per (b, m, h) loop of SPEC §9.2."""
+    b_, m_, h_, d_ = q.shape
+    out = torch.zeros(b_, m_, h_, d_, dtype=torch.float64)
+    for b in range(b_):
+        for m in range(m_):
+            ii = idx[b, m][idx[b, m] >= 0].long()
+            if ii.numel() == 0:
+                continue
+            k = kv_f32[b, ii].double()
+            s = q[b, m].double() @ k.T * scale  # [H, n]
+            mx = s.max(-1, keepdim=True).values
+            e = torch.exp(s - mx)
+            den = e.sum(-1, keepdim=True) + torch.exp(sink.double()[:, None] - mx)
+            out[b, m] = (e @ k) / den
+    return out
+
+
+def _attn_inputs(g, b, m, h, n, k, skip_frac=0.3, sink_scale=1.0, dtype=torch.bfloat16):
+    q = torch.randn(b, m, h, 512, generator=g).to(dtype)
+    kv = torch.randn(b, n, 512, generator=g).to(dtype)
+    sink = torch.randn(h, generator=g) * sink_scale
+    idx = torch.randint(0, n, (b, m, k), generator=g, dtype=torch.int32)
+    idx[torch.rand(b, m, k, generator=g) < skip_frac] = -1
+    return q, kv, sink, idx
+
+
+def _check_close(out, ref, dtype):
+    tol = R.get_backend("cpu").tolerances[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol.atol, rtol=tol.rtol)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "b,m,h,n,k",
+    [
+        (1, 1, 64, 3000, 1000),  # decode: index list split across threads, merged
+        (2, 1, 5, 300, 130),  # heads not a multiple of the register block, tail tile of 2
+        (1, 7, 3, 90, 65),  # prefill-like, K = 64 + 1
+        (1, 1, 128, 700, 640),  # Pro head count
+    ],
+)
+def test_sparse_attn_matches_loop(b, m, h, n, k):
+    g = torch.Generator().manual_seed(b * 1000 + k)
+    q, kv, sink, idx = _attn_inputs(g, b, m, h, n, k)
+    out = torch.ops.v4k_cpu.sparse_attn(q, kv, sink, idx, 512**-0.5)
+    _check_close(out, _naive_attn(q, kv.float(), sink, idx, 512**-0.5), torch.bfloat16)
+
+
+@needs_ext
+def test_sparse_attn_fp8_rows_and_dispatch():
+    g = torch.Generator().manual_seed(3)
+    q, kv, sink, idx = _attn_inputs(g, 2, 3, 8, 200, 300)
+    packed = v4k.pack_kv_fp8(kv)
+    kv_deq = v4k.unpack_kv_fp8(packed, torch.float32)
+    with v4k.use_backend("cpu"):
+        out = v4k.sparse_attn(q, packed, sink, idx, 512**-0.5)
+    assert R.last_backend("sparse_attn") == "cpu"
+    _check_close(out, _naive_attn(q, kv_deq, sink, idx, 512**-0.5), torch.bfloat16)
+
+
+@needs_ext
+def test_sparse_attn_all_skipped_rows_and_big_sinks():
+    g = torch.Generator().manual_seed(5)
+    q, kv, sink, idx = _attn_inputs(g, 1, 4, 16, 100, 700, sink_scale=30.0, dtype=torch.float32)
+    idx[0, 1] = -1  # a whole row skipped -> zeros, no NaN
+    idx[0, 2, 1:] = -1  # a single valid key
+    for threads in (1, 2):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = torch.ops.v4k_cpu.sparse_attn(q, kv, sink, idx, 512**-0.5)
+        finally:
+            torch.set_num_threads(prev)
+        assert torch.isfinite(out).all()
+        assert (out[0, 1] == 0).all()
+        _check_close(out, _naive_attn(q, kv, sink, idx, 512**-0.5), torch.float32)
+
+
+# ------------------------------------------------------------------------------ indexer
+def _naive_scores(q, w, kf, pos, ratio):
+    s = torch.einsum("bshd,bnd->bshn", q.double(), kf.double()).relu()
+    s = (s * w.double()[..., None]).sum(2)
+    lim = (pos + 1) // ratio
+    mask = torch.arange(kf.shape[1])[None, None, :] >= lim[..., None]
+    return s.masked_fill(mask, float("-inf"))
+
+
+def _keys(g, b, n, fmt):
+    kf = torch.randn(b, n, 128, generator=g)
+    if fmt == "bf16":
+        return kf.bfloat16(), None, kf.bfloat16().float()
+    if fmt == "fp8":
+        k, s = v4k.act_quant(kf, 128)
+        return k, s, v4k.act_dequant(k, s, 128, torch.float32)
+    k, s = v4k.fp4_act_quant(kf, 32)
+    return k, s, v4k.fp4_act_dequant(k, s, 32, torch.float32)
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "fp4"])
+@pytest.mark.parametrize(
+    "b,s,n,ratio,topk,pos",
+    [
+        (1, 1, 4100, 4, 512, [[4 * 4100 - 1]]),  # decode, key range split across threads
+        (1, 6, 20, 4, 8, [[0, 3, 4, 7, 8, 79]]),  # causal limits at window boundaries, −1 padding
+        (2, 1, 70, 1, 100, [[69], [10]]),  # topk > N, ratio 1
+    ],
+)
+def test_indexer_topk_and_scores(fmt, b, s, n, ratio, topk, pos):
+    g = torch.Generator().manual_seed(n + s)
+    hi = 64 if s == 1 else 7
+    q = torch.randn(b, s, hi, 128, generator=g).bfloat16()
+    w = torch.randn(b, s, hi, generator=g)
+    keys, ks, kf = _keys(g, b, n, fmt)
+    positions = torch.tensor(pos, dtype=torch.int64)
+    ref = _naive_scores(q, w, kf, positions, ratio)
+    scores = torch.ops.v4k_cpu.indexer_scores(q, w, keys, ks, positions, ratio)
+    assert torch.equal(torch.isinf(scores), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(scores[fin].double(), ref[fin], atol=1e-4, rtol=1e-5)
+
+    offset = 17
+    idx = torch.ops.v4k_cpu.indexer_topk(q, w, keys, ks, positions, topk, ratio, offset)
+    k = min(topk, n)
+    assert idx.shape == (b, s, k) and idx.dtype == torch.int32
+    vals, order = ref.topk(k, dim=-1)
+    for bi in range(b):
+        for si in range(s):
+            visible = min(n, (int(positions[bi, si]) + 1) // ratio)
+            row = idx[bi, si]
+            nvalid = min(k, visible)
+            assert (row[nvalid:] == -1).all() and (row[:nvalid] >= offset).all()
+            got = set((row[:nvalid] - offset).tolist())
+            assert all(c < visible for c in got)
+            # every selected entry scores at least the k-th best (ties may swap members)
+            if nvalid:
+                kth = vals[bi, si, nvalid - 1].item()
+                sel = ref[bi, si, torch.tensor(sorted(got))]
+                assert (sel >= kth - 1e-4 * max(1.0, abs(kth))).all()
+                exp = set(order[bi, si, :nvalid].tolist())
+                assert len(got & exp) / nvalid >= 0.99
+
+
+@needs_ext
+def test_indexer_topk_threads_agree():
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 1, 64, 128, generator=g).bfloat16()
+    w = torch.randn(1, 1, 64, generator=g)
+    keys, ks, _ = _keys(g, 1, 3000, "fp4")
+    pos = torch.tensor([[11999]])
+    prev = torch.get_num_threads()
+    res = []
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        try:
+            res.append(torch.ops.v4k_cpu.indexer_topk(q, w, keys, ks, pos, 512, 4, 0))
+        finally:
+            torch.set_num_threads(prev)
+    assert set(res[0].flatten().tolist()) == set(res[1].flatten().tolist())
+
+
+# ------------------------------------------------------------------------------ mhc
+@needs_ext
+def test_hc_pre_post_against_formula():
+    g = torch.Generator().manual_seed(2)
+    t, hc, d = 5, 4, 136  # D not a multiple of the vector width
+    x = torch.randn(t, hc, d, generator=g).bfloat16()
+    fn = torch.randn(24, hc * d, generator=g) * 0.05
+    scale = torch.tensor([0.7, 1.3, 0.9])
+    base = torch.randn(24, generator=g) * 0.1
+    x_in, post, comb = torch.ops.v4k_cpu.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    xf = x.double().flatten(-2)
+    mixes = (xf @ fn.double().T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
+    pre = torch.sigmoid(mixes[:, :4] * 0.7 + base[:4].double()) + 1e-6
+    torch.testing.assert_close(post.double(), 2 * torch.sigmoid(mixes[:, 4:8] * 1.3 + base[4:8].double()), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(comb.sum(-2).double(), torch.ones(t, hc, dtype=torch.float64), atol=1e-4, rtol=0)
+    ref_in = (pre[..., None] * x.double()).sum(-2)
+    torch.testing.assert_close(x_in.double(), ref_in, atol=1e-2, rtol=1.6e-2)
+    # post: out[k] = post[k]·a + Σ_j comb[j,k]·R[j] — the transpose matters (SPEC §10.4)
+    a = torch.randn(t, d, generator=g).bfloat16()
+    out = torch.ops.v4k_cpu.hc_post(a, x, post, comb, False)
+    ref = post.double()[..., None] * a.double()[:, None] + torch.einsum("tjk,tjd->tkd", comb.double(), x.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1.6e-2)
+
+
+# ------------------------------------------------------------------------------ GEMMs
+@needs_ext
+@pytest.mark.parametrize("m", [1, 40])  # small-M decode kernel and the decode-then-GEMM path
+def test_block_scaled_gemms(m):
+    g = torch.Generator().manual_seed(m)
+    n, k = 200, 384
+    a, a_s = v4k.act_quant(torch.randn(m, k, generator=g), 128)
+    af = v4k.act_dequant(a, a_s, 128, torch.float32).double()
+    w = torch.randn(n, k, generator=g)
+    wq = w.to(torch.float8_e4m3fn)
+    w_s = torch.rand((n + 127) // 128, k // 128, generator=g) + 0.5
+    wf = wq.double() * w_s.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
+    out = torch.ops.v4k_cpu.fp8_gemm(a, a_s, wq, w_s, torch.float32)
+    torch.testing.assert_close(out.double(), af @ wf.T, atol=1e-3, rtol=1e-5)
+    b4, b4_s = v4k.fp4_act_quant(w, 32)
+    bf = v4k.fp4_act_dequant(b4, b4_s, 32, torch.float32).double()
+    out4 = torch.ops.v4k_cpu.fp4_gemm(a, a_s, b4, b4_s, torch.float32)
+    torch.testing.assert_close(out4.double(), af @ bf.T, atol=1e-3, rtol=1e-5)

@@ -1,0 +1,162 @@
+"""Backends and dispatch (DESIGN §3): availability reasons, forcing (context manager, per op,
+nesting, V4K_BACKEND), automatic fallback, usage accounting, lazy imports and broken backends."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import v4kernels as v4k
+import v4kernels._registry as R
+from v4kernels.ops import rope_norm as rope_norm_pkg
+
+SIX = {"reference", "triton", "cpu", "cuda", "ascend", "cambricon"}
+X = torch.randn(2, 8)
+
+
+def test_available_backends_lists_all_six_with_reasons():
+    table = v4k.available_backends("rms_norm")
+    assert set(table) == SIX
+    assert table["reference"] == []
+    for name in ("cuda", "ascend", "cambricon"):
+        assert table[name] and all(isinstance(r, str) and r for r in table[name]), name
+    assert "cambricon" in table["cambricon"][0] and "cpu" in table["cambricon"][0]
+    full = v4k.available_backends()
+    assert set(full) == set(v4k.op_names()) and all(set(v) == SIX and v["reference"] == [] for v in full.values())
+    with pytest.raises(ValueError, match="available_backends: unknown op 'nope'"):
+        v4k.available_backends("nope")
+
+
+def test_forced_backend_that_cannot_run_raises_with_reasons():
+    reasons = v4k.available_backends("rms_norm")["cambricon"]
+    with v4k.use_backend("cambricon"):
+        with pytest.raises(v4k.BackendUnavailableError, match="'cambricon' was requested for rms_norm on cpu") as ei:
+            v4k.rms_norm(X)
+    assert all(r in str(ei.value) for r in reasons)
+    assert torch.equal(v4k.rms_norm(X), R.reference_kernel("rms_norm")(X, None, 1e-6, False))  # restored
+
+
+def test_per_op_forcing_and_nesting():
+    with v4k.use_backend("cambricon", ops="rms_norm"):
+        with pytest.raises(v4k.BackendUnavailableError):
+            v4k.rms_norm(X)
+        v4k.hadamard_transform(X)  # other ops are not forced
+        assert v4k.last_backend("hadamard_transform") != "cambricon"
+        with v4k.use_backend("reference"):  # inner scope wins
+            v4k.rms_norm(X)
+            assert v4k.last_backend("rms_norm") == "reference"
+            with v4k.use_backend("ascend", ops=["hadamard_transform"]):
+                v4k.rms_norm(X)
+                with pytest.raises(v4k.BackendUnavailableError, match="ascend"):
+                    v4k.hadamard_transform(X)
+        with pytest.raises(v4k.BackendUnavailableError):  # back to the outer scope
+            v4k.rms_norm(X)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        with v4k.use_backend("gpu"):
+            pass
+    with pytest.raises(ValueError, match="use_backend: unknown op 'rmsnorm'"):
+        with v4k.use_backend("reference", ops="rmsnorm"):
+            pass
+
+
+def test_env_var_forcing(monkeypatch):
+    monkeypatch.setenv("V4K_BACKEND", "cambricon")
+    with pytest.raises(v4k.BackendUnavailableError, match="cambricon"):
+        v4k.rms_norm(X)
+    with v4k.use_backend("reference"):  # the context manager beats the environment
+        v4k.rms_norm(X)
+    monkeypatch.setenv("V4K_BACKEND", "rms_norm=cambricon, hadamard_transform=reference")
+    with pytest.raises(v4k.BackendUnavailableError, match="cambricon"):
+        v4k.rms_norm(X)
+    v4k.hadamard_transform(X)
+    assert v4k.last_backend("hadamard_transform") == "reference"
+    # "cpu" form: the native CPU backend either runs or raises with its reason (never falls back)
+    monkeypatch.setenv("V4K_BACKEND", "cpu")
+    cpu_reasons = v4k.available_backends("rms_norm")["cpu"]
+    if cpu_reasons:
+        with pytest.raises(v4k.BackendUnavailableError, match="'cpu' was requested") as ei:
+            v4k.rms_norm(X)
+        assert cpu_reasons[0] in str(ei.value)
+    else:
+        v4k.rms_norm(X)
+        assert v4k.last_backend("rms_norm") == "cpu"
+    monkeypatch.setenv("V4K_BACKEND", "nosuch")
+    with pytest.raises(ValueError, match="unknown backend 'nosuch'"):
+        v4k.rms_norm(X)
+
+
+class _FakeBackend(R.Backend):
+    name = "fake"
+    description = "test double"
+    auto_priority = {"cpu": 1}
+    module = "fake_test_backend"
+    tolerances = R.ReferenceBackend.tolerances
+
+
+def test_priority_fallback_and_usage(monkeypatch):
+    calls = []
+
+    def fake_rms(x, weight, eps, hf_rounding):
+        calls.append(x.shape)
+        return torch.zeros_like(x)
+
+    def supports(x, weight, eps, hf_rounding):
+        return [f"fake handles only even widths, got {x.shape[-1]}"] if x.shape[-1] % 2 else []
+
+    monkeypatch.setitem(R.BACKENDS, "fake", _FakeBackend())
+    monkeypatch.setitem(R._KERNELS, "fake", {"rms_norm": R.KernelEntry(fake_rms, supports)})
+    R.backend_usage(reset=True)
+    assert torch.equal(v4k.rms_norm(X), torch.zeros_like(X))  # highest priority wins
+    assert v4k.last_backend("rms_norm") == "fake"
+    odd = torch.randn(2, 7)
+    y = v4k.rms_norm(odd)  # refused by supports(): automatic fallback to the reference
+    assert v4k.last_backend("rms_norm") == "reference" and torch.equal(y, R.reference_kernel("rms_norm")(odd, None, 1e-6, False))
+    v4k.hadamard_transform(X)  # fake has no kernel: falls back
+    assert v4k.last_backend("hadamard_transform") != "fake"
+    with v4k.use_backend("fake"):
+        with pytest.raises(v4k.BackendUnavailableError, match="fake handles only even widths, got 7"):
+            v4k.rms_norm(odd)
+        with pytest.raises(v4k.BackendUnavailableError, match="no fake kernel for hadamard_transform yet"):
+            v4k.hadamard_transform(X)
+    usage = R.backend_usage(reset=True)
+    assert usage[("rms_norm", "fake")] == 1 and usage[("rms_norm", "reference")] == 1
+    assert R.backend_usage() == {}
+    assert len(calls) == 1
+    assert "fake" in v4k.available_backends("rms_norm") and v4k.available_backends("rms_norm")["fake"] == []
+
+
+def test_broken_backend_module_shows_as_reason(monkeypatch, tmp_path):
+    # a kernel module of the fake backend that fails to import, found through the family package
+    (tmp_path / "broken_test_backend.py").write_text("raise ImportError('vendor library libfoo.so missing')\n")
+    monkeypatch.setattr(rope_norm_pkg, "__path__", [*rope_norm_pkg.__path__, str(tmp_path)])
+
+    class Broken(_FakeBackend):
+        name = "broken"
+        module = "broken_test_backend"
+
+    monkeypatch.setitem(R.BACKENDS, "broken", Broken())
+    reasons = v4k.available_backends("rms_norm")["broken"]
+    assert len(reasons) == 1 and "v4kernels.ops.rope_norm.broken_test_backend failed to import" in reasons[0]
+    assert "ImportError: vendor library libfoo.so missing" in reasons[0]
+    assert v4k.available_backends("hc_pre")["broken"] == ["no broken kernel for hc_pre yet"]
+    y = v4k.rms_norm(X)  # automatic choice skips it
+    assert v4k.last_backend("rms_norm") != "broken" and y.shape == X.shape
+    with v4k.use_backend("broken"):
+        with pytest.raises(v4k.BackendUnavailableError, match="libfoo.so missing"):
+            v4k.rms_norm(X)
+
+
+def test_import_is_lazy():
+    code = (
+        "import sys, v4kernels, v4kernels._platform as P\n"
+        "assert 'triton' not in sys.modules, 'triton imported at import time'\n"
+        "for n in ('torch_npu', 'torch_mlu', 'v4kernels._C_cpu', 'v4kernels._C_cuda'):\n"
+        "    assert n not in sys.modules, n\n"
+        "for f in (P.triton_probe, P.cuda_probe, P.npu_probe, P.mlu_probe):\n"
+        "    assert f.cache_info().currsize == 0, f.__name__\n"
+        "print('ok', len(v4kernels.op_names()))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]

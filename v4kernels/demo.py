@@ -1,0 +1,185 @@
+"""``python -m v4kernels demo``: two V4-Flash decoder blocks (layer 2: CSA + hash-routed MoE, layer
+3: HCA + routed MoE) with mHC, random weights and a reduced expert count, through a prefill and a
+few decode steps with the automatically selected backends. Prints the backend that ran each op,
+the time per phase, the KV-cache bytes held, and a parity check of the last decode step against
+the reference backend.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from typing import Any, Iterator
+
+import torch
+
+import v4kernels as v4k
+from v4kernels import _registry as R
+
+from .layers.attention import AttentionCache
+from .layers.block import HyperHead, V4Block
+from .layers.config import V4Config, compress_ratio_of_layer
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@contextlib.contextmanager
+def _maybe_backend(name: str | None) -> Iterator[None]:
+    if name is None:
+        yield
+    else:
+        with v4k.use_backend(name):
+            yield
+
+
+class DemoModel:
+    def __init__(self, model: str, n_experts: int, batch: int, max_len: int, kv_fp8: bool, seed: int,
+                 config: V4Config | None = None) -> None:
+        self.cfg = config or (V4Config.flash() if model == "flash" else V4Config.pro())
+        layers = (2, 3)
+        self.blocks = []
+        for i, layer in enumerate(layers):
+            ratio = compress_ratio_of_layer(model, layer)
+            self.blocks.append(V4Block(self.cfg, ratio, n_experts, hash_routing=layer < self.cfg.n_hash_layers, seed=seed + 100 * i))
+        self.layer_ids = layers
+        self.head = HyperHead(self.cfg, seed)
+        self.caches: list[AttentionCache] = [b.attn.new_cache(batch, max_len, kv_fp8=kv_fp8) for b in self.blocks]
+
+    def step(self, h: torch.Tensor, start_pos: int, token_ids: torch.Tensor) -> torch.Tensor:
+        for block, cache in zip(self.blocks, self.caches):
+            h = block(h, cache, start_pos, token_ids)
+        return self.head(h)
+
+    def snapshot(self) -> list[dict]:
+        return [c.snapshot() for c in self.caches]
+
+    def restore(self, snap: list[dict]) -> None:
+        for c, s in zip(self.caches, snap):
+            c.restore(s)
+
+
+def _usage_table(usage: dict[tuple[str, str], int]) -> dict[str, str]:
+    per_op: dict[str, list[str]] = {}
+    for (op, backend), n in sorted(usage.items()):
+        per_op.setdefault(op, []).append(f"{backend} x{n}")
+    return {op: ", ".join(v) for op, v in per_op.items()}
+
+
+def run_demo(model: str = "flash", prefill: int = 2048, decode: int = 4, n_experts: int = 16, batch: int = 1,
+             kv_fp8: bool = False, backend: str | None = None, seed: int = 0, threads: int | None = None,
+             config: V4Config | None = None) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    m = DemoModel(model, n_experts, batch, prefill + decode, kv_fp8, seed, config)
+    cfg = m.cfg
+    build_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(seed + 1)
+    total = prefill + decode
+    token_ids = torch.randint(0, cfg.vocab_size, (batch, total), generator=g)
+    # random "embeddings" broadcast to the hc streams (SPEC §2); no vocabulary table is needed
+    emb = (torch.randn(batch, total, cfg.dim, generator=g)).to(torch.bfloat16)
+
+    def streams(sl: slice) -> torch.Tensor:
+        e = emb[:, sl]
+        return e.unsqueeze(2).expand(*e.shape[:2], cfg.hc_mult, cfg.dim).contiguous()
+
+    R.backend_usage(reset=True)
+    with _maybe_backend(backend), torch.inference_mode():
+        t = time.perf_counter()
+        m.step(streams(slice(0, prefill)), 0, token_ids[:, :prefill])
+        prefill_s = time.perf_counter() - t
+        prefill_usage = _usage_table(R.backend_usage(reset=True))
+        step_times = []
+        out = None
+        snap = None
+        for i in range(decode):
+            pos = prefill + i
+            if i == decode - 1:
+                snap = m.snapshot()
+            t = time.perf_counter()
+            out = m.step(streams(slice(pos, pos + 1)), pos, token_ids[:, pos : pos + 1])
+            step_times.append(time.perf_counter() - t)
+        decode_usage = _usage_table(R.backend_usage(reset=True))
+
+    parity: dict[str, Any] = {}
+    if decode and snap is not None and out is not None:
+        after = m.snapshot()
+        m.restore(snap)
+        pos = prefill + decode - 1
+        with v4k.use_backend("reference"), torch.inference_mode():
+            t = time.perf_counter()
+            ref = m.step(streams(slice(pos, pos + 1)), pos, token_ids[:, pos : pos + 1])
+            parity["reference_step_s"] = time.perf_counter() - t
+        m.restore(after)
+        R.backend_usage(reset=True)
+        a, e = out.float(), ref.float()
+        parity["max_abs"] = float((a - e).abs().max())
+        parity["ref_max_abs"] = float(e.abs().max())
+        parity["cosine"] = float(torch.nn.functional.cosine_similarity(a.flatten(), e.flatten(), dim=0))
+        parity["ok"] = parity["cosine"] >= 0.999 and bool(torch.isfinite(a).all())
+
+    cache_bytes = [c.nbytes() for c in m.caches]
+    return {
+        "cfg": cfg, "model": model, "layers": m.layer_ids, "ratios": [b.attn.ratio for b in m.blocks],
+        "prefill": prefill, "decode": decode, "batch": batch, "n_experts": n_experts, "kv_fp8": kv_fp8,
+        "build_s": build_s, "prefill_s": prefill_s, "decode_s": step_times,
+        "prefill_usage": prefill_usage, "decode_usage": decode_usage, "cache_bytes": cache_bytes,
+        "parity": parity, "forced_backend": backend,
+    }
+
+
+def print_report(r: dict[str, Any]) -> None:
+    cfg = r["cfg"]
+    print(f"DeepSeek-V4-{r['model'].capitalize()} blocks {r['layers']} (compress ratios {r['ratios']}), D={cfg.dim}, "
+          f"H={cfg.n_heads}, top-k={cfg.index_topk}, experts {r['n_experts']} of {cfg.n_routed_experts} (6 active, FP4) + shared (FP8), "
+          f"batch {r['batch']}, KV cache {'FP8 packed (584 B/row)' if r['kv_fp8'] else 'bf16'}")
+    if r["forced_backend"]:
+        print(f"backend forced: {r['forced_backend']}")
+    print(f"\nbackend per op (calls):")
+    ops = sorted(set(r["prefill_usage"]) | set(r["decode_usage"]))
+    print(f"  {'op':22s} {'prefill':28s} decode")
+    for op in ops:
+        print(f"  {op:22s} {r['prefill_usage'].get(op, '-'):28s} {r['decode_usage'].get(op, '-')}")
+    print("\ntime per phase:")
+    print(f"  build weights        {r['build_s']:8.2f} s")
+    print(f"  prefill {r['prefill']:5d} tokens {r['prefill_s']:8.2f} s  ({r['prefill'] * r['batch'] / r['prefill_s']:.1f} tokens/s)")
+    if r["decode_s"]:
+        med = statistics.median(r["decode_s"])
+        print(f"  decode {len(r['decode_s'])} steps       median {med * 1e3:8.1f} ms/step  (min {min(r['decode_s']) * 1e3:.1f}, max {max(r['decode_s']) * 1e3:.1f})")
+    print("\nKV cache held (after the last step):")
+    for layer, ratio, nb in zip(r["layers"], r["ratios"], r["cache_bytes"]):
+        kind = {4: "CSA", 128: "HCA", 0: "SWA"}[ratio]
+        print(f"  layer {layer} ({kind}, ratio {ratio:3d})  {_fmt_bytes(nb)}")
+    print(f"  total                     {_fmt_bytes(sum(r['cache_bytes']))}")
+    p = r["parity"]
+    if p:
+        print(f"\nparity of the last decode step vs reference: max|diff| {p['max_abs']:.4g} (max|ref| {p['ref_max_abs']:.4g}), "
+              f"cosine {p['cosine']:.6f} -> {'OK' if p['ok'] else 'MISMATCH'}  (reference step took {p['reference_step_s'] * 1e3:.0f} ms)")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    r = run_demo(args.model, args.prefill, args.decode, args.experts, args.batch, args.kv_fp8, args.backend, args.seed, args.threads)
+    print_report(r)
+    return 0 if (not r["parity"] or r["parity"]["ok"]) else 1
+
+
+def add_demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run two V4 decoder blocks (CSA + HCA) through prefill and decode")
+    p.add_argument("--model", choices=("flash", "pro"), default="flash")
+    p.add_argument("--prefill", type=int, default=2048, help="prompt tokens (default 2048)")
+    p.add_argument("--decode", type=int, default=4, help="decode steps (default 4)")
+    p.add_argument("--experts", type=int, default=16, help="routed experts per MoE (release: 256 Flash / 384 Pro)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--kv-fp8", action="store_true", help="store the KV cache in the packed FP8 layout (SPEC §13.1)")
+    p.add_argument("--backend", default=None, help="force one backend for every op (default: automatic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(fn=_cmd_demo)

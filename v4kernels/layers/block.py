@@ -1,0 +1,122 @@
+"""A DeepSeek-V4 decoder block (SPEC §2): mHC around attention and MoE, with random weights.
+
+The routed experts are FP4 and the shared expert FP8, as in the instruct release (SPEC §1.1);
+the expert count can be reduced so a block fits a laptop-sized machine.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import v4kernels as v4k
+
+from .attention import AttentionCache, V4Attention
+from .config import V4Config
+
+
+def _rand_weights(n: int, rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, rows, cols, generator=g) / cols**0.5
+
+
+class V4MoE(nn.Module):
+    """Router (sqrt-softplus, bias for selection only, or hash routing) + FP4 routed experts +
+    FP8 shared expert (SPEC §11)."""
+
+    def __init__(self, cfg: V4Config, n_experts: int, hash_routing: bool, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.cfg, self.n_experts, self.hash_routing = cfg, n_experts, hash_routing
+        d, inter, k = cfg.dim, cfg.moe_inter_dim, cfg.n_activated_experts
+        self.register_buffer("gate", (torch.randn(n_experts, d, generator=g) / d**0.5).to(torch.bfloat16))
+        if hash_routing:
+            # tid2eid: k distinct experts per vocabulary id (SPEC §11.2)
+            perm = torch.rand(cfg.vocab_size, n_experts, generator=g).argsort(dim=1)[:, :k]
+            self.register_buffer("tid2eid", perm.to(torch.int32))
+            self.bias = None
+        else:
+            self.register_buffer("bias", torch.randn(n_experts, generator=g) * 0.1)
+            self.tid2eid = None
+        for name, (rows, cols) in {"w1": (inter, d), "w3": (inter, d), "w2": (d, inter)}.items():
+            q, s = v4k.quantize_expert_weights(_rand_weights(n_experts, rows, cols, g), "fp4")
+            self.register_buffer(name, q)
+            self.register_buffer(name + "_scale", s)
+        for name, (rows, cols) in {"s1": (inter, d), "s3": (inter, d), "s2": (d, inter)}.items():
+            q, s = v4k.quantize_expert_weights(_rand_weights(1, rows, cols, g), "fp8")
+            self.register_buffer(name, q[0].contiguous())
+            self.register_buffer(name + "_scale", s[0].contiguous())
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, cfg.dim)
+        weights, ids = v4k.moe_gate(
+            x2, self.gate, self.bias, topk=cfg.n_activated_experts, route_scale=cfg.route_scale,
+            tid2eid=self.tid2eid, token_ids=token_ids.reshape(-1) if self.hash_routing else None,
+        )
+        routed = v4k.moe_experts(
+            x2, weights, ids, self.w1, self.w3, self.w2, w1_scale=self.w1_scale, w3_scale=self.w3_scale,
+            w2_scale=self.w2_scale, swiglu_limit=cfg.swiglu_limit, out_dtype=torch.float32,
+        )
+        shared = v4k.shared_expert(
+            x2, self.s1, self.s3, self.s2, w1_scale=self.s1_scale, w3_scale=self.s3_scale, w2_scale=self.s2_scale,
+            swiglu_limit=cfg.swiglu_limit, out_dtype=torch.float32,
+        )
+        return (routed + shared).to(x.dtype).reshape(*lead, cfg.dim)
+
+
+class HyperConnection(nn.Module):
+    """Parameters of one mHC site (SPEC §10): fn [(2+hc)·hc, hc·D], base [(2+hc)·hc], scale [3]."""
+
+    def __init__(self, cfg: V4Config, g: torch.Generator) -> None:
+        super().__init__()
+        hc, d = cfg.hc_mult, cfg.dim
+        n = (2 + hc) * hc
+        self.register_buffer("fn", torch.randn(n, hc * d, generator=g) / (hc * d) ** 0.5)
+        self.register_buffer("base", torch.randn(n, generator=g) * 0.5)
+        self.register_buffer("scale", torch.rand(3, generator=g) * 0.5 + 0.25)
+
+
+class V4Block(nn.Module):
+    """``h [B,S,hc,D] -> h`` through hc_pre → attn_norm → attention → hc_post → hc_pre →
+    ffn_norm → MoE → hc_post (SPEC §2)."""
+
+    def __init__(self, cfg: V4Config, ratio: int, n_experts: int, hash_routing: bool, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed + 7)
+        self.cfg = cfg
+        self.attn = V4Attention(cfg, ratio, seed)
+        self.ffn = V4MoE(cfg, n_experts, hash_routing, seed + 1)
+        self.hc_attn = HyperConnection(cfg, g)
+        self.hc_ffn = HyperConnection(cfg, g)
+        self.register_buffer("attn_norm", (1 + 0.1 * torch.randn(cfg.dim, generator=g)).to(torch.bfloat16))
+        self.register_buffer("ffn_norm", (1 + 0.1 * torch.randn(cfg.dim, generator=g)).to(torch.bfloat16))
+
+    def _hc_pre(self, h: torch.Tensor, site: HyperConnection):
+        c = self.cfg
+        return v4k.hc_pre(h, site.fn, site.scale, site.base, sinkhorn_iters=c.hc_sinkhorn_iters, norm_eps=c.norm_eps, hc_eps=c.hc_eps)
+
+    def forward(self, h: torch.Tensor, cache: AttentionCache, start_pos: int, token_ids: torch.Tensor) -> torch.Tensor:
+        x, post, comb = self._hc_pre(h, self.hc_attn)
+        a = self.attn(v4k.rms_norm(x, self.attn_norm, self.cfg.norm_eps), cache, start_pos)
+        h = v4k.hc_post(a, h, post, comb)
+        x, post, comb = self._hc_pre(h, self.hc_ffn)
+        f = self.ffn(v4k.rms_norm(x, self.ffn_norm, self.cfg.norm_eps), token_ids)
+        return v4k.hc_post(f, h, post, comb)
+
+
+class HyperHead(nn.Module):
+    """Final stream collapse (SPEC §10.5) + the model's final RMSNorm."""
+
+    def __init__(self, cfg: V4Config, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed + 11)
+        hc, d = cfg.hc_mult, cfg.dim
+        self.cfg = cfg
+        self.register_buffer("fn", torch.randn(hc, hc * d, generator=g) / (hc * d) ** 0.5)
+        self.register_buffer("base", torch.randn(hc, generator=g) * 0.5)
+        self.register_buffer("scale", torch.rand(1, generator=g) * 0.5 + 0.25)
+        self.register_buffer("norm", (1 + 0.1 * torch.randn(d, generator=g)).to(torch.bfloat16))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = v4k.hc_head(h, self.fn, self.scale, self.base, norm_eps=self.cfg.norm_eps, hc_eps=self.cfg.hc_eps)
+        return v4k.rms_norm(y, self.norm, self.cfg.norm_eps)

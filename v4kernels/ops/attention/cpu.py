@@ -1,0 +1,26 @@
+"""Native CPU kernel of ``sparse_attn`` (csrc/cpu/attention.cpp, SPEC §9.2).
+
+Online softmax over 64-index tiles with all heads of a query sharing each gathered KV tile;
+bf16/fp16/fp32 KV or the packed 584-byte FP8 rows (SPEC §13.1), decoded to fp32 in the kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+import v4kernels._C_cpu  # noqa: F401  (registers torch.ops.v4k_cpu.*)
+
+from ..._registry import register_kernel
+
+
+def _sparse_attn_supports(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> list[str]:
+    reasons = []
+    if q.shape[-1] % 64 != 0:
+        reasons.append(f"cpu sparse_attn needs a head dim that is a multiple of 64, got {q.shape[-1]}")
+    if topk_idxs.dtype != torch.int32:
+        reasons.append(f"cpu sparse_attn needs int32 topk_idxs, got {topk_idxs.dtype}")
+    return reasons
+
+
+@register_kernel("cpu", "sparse_attn", supports=_sparse_attn_supports)
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    return torch.ops.v4k_cpu.sparse_attn(q, kv, attn_sink.float(), topk_idxs, float(softmax_scale))
