@@ -31,6 +31,14 @@ def _visible(positions, ratio=4):
     return (torch.as_tensor(positions).long() + 1) // ratio
 
 
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    """These tests pin down the reference semantics; other backends are held to it by the
+    parity suite (tests/test_parity.py)."""
+    with v4k.use_backend("reference", ops=("indexer_scores", "indexer_topk")):
+        yield
+
 # --------------------------------------------------------------------- causal limit and sentinel
 def test_causal_limit_positions_0_to_9():
     q, w, k = _inputs(1, 10, 2, 8, 3)

@@ -19,6 +19,14 @@ def _row(t: list[int]) -> list[int]:
     return [int(v) for v in t]
 
 
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    """These tests pin down the reference semantics; other backends are held to it by the
+    parity suite (tests/test_parity.py)."""
+    with v4k.use_backend("reference", ops=("window_indices", "compressed_indices")):
+        yield
+
 # --------------------------------------------------------------------- hand-derived lists, SPEC §8.2
 def _decode_window_expected(t: int) -> list[int]:
     # SPEC §8.2: t >= 127 -> [(t+1) mod 128, …, 127, 0, …, t mod 128]; else [0, …, t, −1 × (127 − t)]

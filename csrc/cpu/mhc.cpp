@@ -84,8 +84,10 @@ void hc_pre(const void* x, int x_dtype, const float* hc_fn, const float* hc_scal
   std::vector<float> xf(x_dtype == F32 ? 0 : T * L);
   std::vector<float> mixes(T * nm), rs(T), pre(T * hc);
   const float* X = x_dtype == F32 ? static_cast<const float*>(x) : xf.data();
+  // decode-sized calls run on the calling thread: waking a team costs more than the work
+  const bool par = T * (nm + 1) * L > (int64_t(1) << 22);
 
-#pragma omp parallel
+#pragma omp parallel if (par)
   {
     if (x_dtype != F32) {
 #pragma omp for schedule(static)
@@ -152,7 +154,7 @@ void hc_post(const void* x, int x_dtype, const void* residual, const float* post
   const int xes = elem_size(x_dtype);
   constexpr int64_t DC = 512;
   const int64_t nd = (D + DC - 1) / DC;
-#pragma omp parallel
+#pragma omp parallel if (T * hc * D > (int64_t(1) << 20))
   {
     std::vector<float> xa(DC), ra(hc * DC), o(DC);
 #pragma omp for collapse(2) schedule(static)

@@ -129,12 +129,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if b not in R.BACKENDS:
             print(f"bench: unknown backend {b!r}; expected one of {sorted(R.BACKENDS)}", file=sys.stderr)
             return 2
+    if args.max_reps is not None and args.max_reps < 1:
+        print(f"bench: --max-reps must be >= 1, got {args.max_reps}", file=sys.stderr)
+        return 2
     csv_path = args.csv or (QUICK_CSV if args.quick else None)
     png_path = args.plot or (QUICK_PNG if args.quick else None)
     cfg = BenchConfig(
         device=device, warmup=args.warmup,
         min_time=args.min_time if args.min_time is not None else (0.1 if args.quick else 0.3),
         max_reps=args.max_reps if args.max_reps is not None else (20 if args.quick else 100),
+        min_reps=min(3, args.max_reps) if args.max_reps is not None else 3,
         refcheck=args.refcheck,
         max_call_s=args.max_call_s if args.max_call_s is not None else (1.0 if args.quick else 5.0),
         max_mem_frac=args.max_mem_frac, progress=not args.no_progress,

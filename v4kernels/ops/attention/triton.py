@@ -224,7 +224,7 @@ def _pack_kv_fp8_kernel(kv_ptr, p_ptr, n_rows, inv_qmax, BLOCK_R: tl.constexpr):
 def pack_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     n_rows = kv.numel() // D_KV
     out = torch.empty((*kv.shape[:-1], ROW_BYTES), dtype=torch.uint8, device=kv.device)
-    br = 16 if U.target_kind(kv.device) == "interpret" else 4
+    br = 128 if U.target_kind(kv.device) == "interpret" else 4
     inv = float(torch.tensor(1.0 / U.FP8_MAX, dtype=torch.float32))
     _pack_kv_fp8_kernel[(U.cdiv(n_rows, br),)](kv, out, n_rows, inv, BLOCK_R=br)
     return out
@@ -244,7 +244,7 @@ def _unpack_kv_fp8_kernel(p_ptr, o_ptr, n_rows, BLOCK_R: tl.constexpr, OUT_KIND:
 def unpack_kv_fp8(packed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     n_rows = packed.numel() // ROW_BYTES
     out = torch.empty((*packed.shape[:-1], D_KV), dtype=out_dtype, device=packed.device)
-    br = 16 if U.target_kind(packed.device) == "interpret" else 4
+    br = 128 if U.target_kind(packed.device) == "interpret" else 4
     _unpack_kv_fp8_kernel[(U.cdiv(n_rows, br),)](packed, U.out_view(out), n_rows, BLOCK_R=br, OUT_KIND=U.out_kind(out_dtype))
     return out
 

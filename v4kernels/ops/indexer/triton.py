@@ -10,7 +10,8 @@ Top-k: each program owns one query. It keeps the best ``KP`` (a power of two >= 
 64-bit keys ``(orderable score bits << 32) | (2^32-1 − index)``, sorted descending. For a new key
 tile (also ``KP`` wide) sorted ascending, the elementwise maximum of the two sequences is the
 top ``KP`` of their union (the bitonic merge step), which is sorted again. Equal scores keep the
-lower index first, like the reference's stable sort.
+lower index first, like the reference's stable sort. Under the interpreter, candidate sets wider
+than 64 are merged by rank counting instead (same result; ``tl.sort`` is very slow there).
 """
 from __future__ import annotations
 
@@ -87,10 +88,24 @@ def _sort_key(sc, n):
 
 
 @triton.jit
+def _rank_merge(best, cand, KP: tl.constexpr):
+    """Top ``KP`` of ``best ∪ cand`` (unique keys), sorted descending, by counting ranks.
+
+    O(KP²) compares: used where ``tl.sort`` is slow (the CPU interpreter with large k); the
+    result is identical to the sort-based merge."""
+    allk = tl.join(best, cand).reshape(2 * KP)
+    i = tl.arange(0, 2 * KP)
+    gt = (allk[None, :] > allk[:, None]) | ((allk[None, :] == allk[:, None]) & (i[None, :] < i[:, None]))
+    rank = tl.sum(gt.to(tl.int32), axis=1)
+    slot = tl.arange(0, KP)
+    return tl.sum(tl.where(rank[None, :] == slot[:, None], allk[None, :], 0), axis=1)
+
+
+@triton.jit
 def _indexer_topk_kernel(
     q_ptr, w_ptr, k_ptr, ks_ptr, pos_ptr, o_ptr, S, N, H, ratio, K, offset,
     DI: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, KFMT: tl.constexpr, CH: tl.constexpr,
-    KS_UE8M0: tl.constexpr, DOT_BF16: tl.constexpr,
+    KS_UE8M0: tl.constexpr, DOT_BF16: tl.constexpr, MERGE_SORT: tl.constexpr,
 ):
     r = tl.program_id(0)
     kb = r // S
@@ -98,8 +113,11 @@ def _indexer_topk_kernel(
     best = tl.zeros((KP,), tl.uint64)  # below every real key (−inf encodes to 0x007FFFFF << 32)
     for n0 in range(0, limit, KP):
         sc, n = _score_tile(q_ptr, w_ptr, k_ptr, ks_ptr, r, kb, n0, N, H, limit, DI, HP, KP, KFMT, CH, KS_UE8M0, DOT_BF16)
-        cand = tl.sort(_sort_key(sc, n), descending=False)
-        best = tl.sort(tl.maximum(best, cand), descending=True)
+        if MERGE_SORT:
+            cand = tl.sort(_sort_key(sc, n), descending=False)
+            best = tl.sort(tl.maximum(best, cand), descending=True)
+        else:
+            best = _rank_merge(best, _sort_key(sc, n), KP)
     slot = tl.arange(0, KP)
     idx = (0xFFFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
     out = tl.where(slot < limit, idx + offset, -1)
@@ -170,5 +188,9 @@ def indexer_topk(q, weights, keys, key_scales, positions, topk, ratio, offset):
         return out
     kk, ks, meta = _args(q, weights, keys, key_scales)
     kp = max(16, U.next_pow2(k))
-    _indexer_topk_kernel[(b * s,)](q, weights, kk, ks, positions.contiguous(), out, s, n, h, ratio, k, offset, KP=kp, **meta)
+    # the sort-based merge is the device path; the interpreter's tl.sort costs ~3 ms per element,
+    # so there only small candidate sets use it (the tests cover both merges)
+    merge_sort = U.target_kind(q.device) != "interpret" or kp <= 64
+    _indexer_topk_kernel[(b * s,)](q, weights, kk, ks, positions.contiguous(), out, s, n, h, ratio, k, offset, KP=kp,
+                                   MERGE_SORT=merge_sort, **meta)
     return out

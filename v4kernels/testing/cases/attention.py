@@ -189,7 +189,7 @@ for _fp8 in (False, True):
     # V4-Flash CSA decode: window 128 + indexer top-512 over 1024 compressed slots (N = 1152).
     _attn_case(f"flash_csa_decode_b2_h64_k640{_sfx}",
                _decode_make([4000, 100], FLASH["n_heads"], 1024, FLASH["index_topk"], 4, False, _fp8),
-               _path, {"v4-flash"}, naive=not _fp8)
+               _path, {"v4-flash"}, large=_fp8, naive=not _fp8)  # FP8 path: small cases below
     # V4-Pro CSA decode: window 128 + top-1024 over 2048 compressed slots.
     _attn_case(f"pro_csa_decode_b2_h128_k1152{_sfx}",
                _decode_make([8000, 2000], PRO["n_heads"], 2048, PRO["index_topk"], 4, False, _fp8),
@@ -267,6 +267,8 @@ def _packed_make(shape: tuple[int, ...]):
 
 
 register(ParityCase("pack_kv_fp8/flash_cache_b2_n1152", "pack_kv_fp8", _kv_make((2, 1152, 512)),
+                    lambda kv: v4k.pack_kv_fp8(kv), path="kv-cache", tags=frozenset({"v4-flash"}), large=True))
+register(ParityCase("pack_kv_fp8/window_b2_n64", "pack_kv_fp8", _kv_make((2, 64, 512)),
                     lambda kv: v4k.pack_kv_fp8(kv), path="kv-cache", tags=frozenset({"v4-flash"})))
 register(ParityCase("pack_kv_fp8/small_bf16_zero_block", "pack_kv_fp8", _kv_make((2, 3, 512), zero_block=True),
                     lambda kv: v4k.pack_kv_fp8(kv), path="kv-cache", tags=frozenset({"edge"}), naive=naive_pack_kv_fp8))
@@ -275,6 +277,9 @@ register(ParityCase("pack_kv_fp8/small_fp32", "pack_kv_fp8", _kv_make((5, 512), 
 for _dt in (torch.bfloat16, torch.float32):
     _n = str(_dt).replace("torch.", "")
     register(ParityCase(f"unpack_kv_fp8/flash_cache_b2_n1152_{_n}", "unpack_kv_fp8", _packed_make((2, 1152, 512)),
+                        lambda packed, _d=_dt: v4k.unpack_kv_fp8(packed, _d), path="kv-cache", tags=frozenset({"v4-flash"}),
+                        large=True))
+    register(ParityCase(f"unpack_kv_fp8/window_b2_n64_{_n}", "unpack_kv_fp8", _packed_make((2, 64, 512)),
                         lambda packed, _d=_dt: v4k.unpack_kv_fp8(packed, _d), path="kv-cache", tags=frozenset({"v4-flash"})))
     register(ParityCase(f"unpack_kv_fp8/small_{_n}", "unpack_kv_fp8", _packed_make((3, 2, 512)),
                         lambda packed, _d=_dt: v4k.unpack_kv_fp8(packed, _d), path="kv-cache", tags=frozenset({"odd"}),

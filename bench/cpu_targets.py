@@ -1,0 +1,154 @@
+"""Targets of the native CPU backend (issue 4, point 5), measured in one run on this machine.
+
+Prints this machine's fp32 GEMM rate (torch.matmul) and stream bandwidth, then for each target
+the median time, the achieved GFLOP/s, the fraction of the measured GEMM rate and (where the
+target is a speed-up) the ratio to the reference backend.
+
+    python bench/cpu_targets.py            # all targets except the 64K-token CSA layer
+    python bench/cpu_targets.py --csa64k   # also the 64K-token CSA-layer prefill (peak RSS; minutes)
+    python bench/cpu_targets.py --quick    # smaller repetitions
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+import v4kernels as v4k
+import v4kernels._registry as R
+from v4kernels.bench.peak import gemm_gflops, stream_gbs
+from v4kernels.bench.timer import time_fn
+
+H_FLASH, D, WINDOW, TOPK = 64, 512, 128, 512
+
+
+def _median(fn: Callable[[], Any], backend: str, min_time: float) -> float:
+    with v4k.use_backend(backend):
+        return time_fn(fn, "cpu", warmup=1, min_time=min_time, min_reps=3).p50
+
+
+def _row(name: str, t: float, flops: float | None, gemm: float, ref_t: float | None, target: str) -> None:
+    gf = flops / t / 1e9 if flops else None
+    cols = [f"{name:<46}", f"{t * 1e3:10.3f} ms"]
+    cols.append(f"{gf:8.1f} GFLOP/s  {gf / gemm:6.1%} of GEMM" if gf else " " * 33)
+    cols.append(f"  x{ref_t / t:6.1f} vs reference" if ref_t else " " * 22)
+    cols.append(f"  target: {target}")
+    print("".join(cols), flush=True)
+
+
+def sparse_attn_inputs(g: torch.Generator, b: int, m: int, n: int, k: int) -> tuple[torch.Tensor, ...]:
+    q = torch.randn(b, m, H_FLASH, D, generator=g).bfloat16()
+    kv = torch.randn(b, n, D, generator=g).bfloat16()
+    sink = torch.randn(H_FLASH, generator=g)
+    idx = torch.randint(0, n, (b, m, k), generator=g, dtype=torch.int32)
+    return q, kv, sink, idx
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--csa64k", action="store_true", help="run the 64K-token CSA-layer prefill (slow)")
+    args = ap.parse_args(argv)
+    mt = 0.2 if args.quick else 0.6
+    reasons = R.get_backend("cpu").backend_reasons("cpu")
+    if reasons:
+        print("cpu backend unavailable:", "; ".join(reasons))
+        return 1
+    g = torch.Generator().manual_seed(0)
+    gemm = gemm_gflops("cpu", 2048, budget=1.0)
+    bw = stream_gbs("cpu", 1 << 25, budget=1.0)
+    print(f"machine: {torch.get_num_threads()} threads, fp32 GEMM {gemm:.1f} GFLOP/s, stream copy {bw['copy']:.1f} GB/s, "
+          f"triad {bw['triad']:.1f} GB/s")
+
+    # sparse_attn decode, V4-Flash: 64 heads, 128 window + 512 top-k, d = 512 (SPEC §9.2)
+    k = WINDOW + TOPK
+    for b in (1, 4, 16):
+        q, kv, sink, idx = sparse_attn_inputs(g, b, 1, 8192, k)
+        fn = lambda: v4k.sparse_attn(q, kv, sink, idx)  # noqa: E731
+        t = _median(fn, "cpu", mt)
+        tr = _median(fn, "reference", mt)
+        _row(f"sparse_attn decode flash b{b} k{k}", t, 4 * b * H_FLASH * k * D, gemm, tr, ">= 70% of GEMM")
+        packed = v4k.pack_kv_fp8(kv)
+        fn8 = lambda: v4k.sparse_attn(q, packed, sink, idx)  # noqa: E731
+        _row(f"sparse_attn decode flash b{b} k{k} fp8-kv", _median(fn8, "cpu", mt), 4 * b * H_FLASH * k * D, gemm, None,
+             "(info)")
+
+    # sparse_attn prefill: 4K queries x 640 indices
+    q, kv, sink, idx = sparse_attn_inputs(g, 1, 4096, 4096 + 1024, k)
+    fn = lambda: v4k.sparse_attn(q, kv, sink, idx)  # noqa: E731
+    _row(f"sparse_attn prefill m4096 k{k}", _median(fn, "cpu", 0.0), 4 * 4096 * H_FLASH * k * D, gemm, None,
+         ">= 60% of GEMM")
+
+    # indexer decode at 1M tokens: 262,144 compressed keys, 64 heads x 128, top-512 (SPEC §7.2)
+    n = 262144
+    qi = torch.randn(1, 1, 64, 128, generator=g).bfloat16()
+    w = torch.randn(1, 1, 64, generator=g)
+    pos = torch.tensor([[4 * n - 1]])
+    kf = torch.randn(1, n, 128, generator=g)
+    fmts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {
+        "bf16": (kf.bfloat16(), None),
+        "fp8": v4k.act_quant(kf, 128),
+        "fp4": v4k.fp4_act_quant(kf, 32),
+    }
+    del kf
+    for fmt, (keys, ks) in fmts.items():
+        fn = lambda: v4k.indexer_topk(qi, w, keys, pos, TOPK, ratio=4, offset=WINDOW, key_scales=ks)  # noqa: E731
+        t = _median(fn, "cpu", mt)
+        tr = _median(fn, "reference", 0.0) if fmt == "bf16" else None
+        tgt = ">= 60% of GEMM" if fmt == "bf16" else "no slower than bf16" if fmt == "fp4" else "(info)"
+        _row(f"indexer_topk decode n{n} {fmt}", t, 2 * 64 * 128 * n, gemm, tr, tgt)
+
+    # hc_pre + hc_post at decode shapes (V4-Flash D = 4096, 4 streams), 4 tokens
+    hc, dm = 4, 4096
+    x = torch.randn(4, hc, dm, generator=g).bfloat16()
+    fnw = torch.randn(24, hc * dm, generator=g) * 0.01
+    scale = torch.rand(3, generator=g)
+    base = torch.randn(24, generator=g) * 0.1
+    a = torch.randn(4, dm, generator=g).bfloat16()
+
+    def hc_step() -> torch.Tensor:
+        x_in, post, comb = v4k.hc_pre(x, fnw, scale, base)
+        return v4k.hc_post(a, x, post, comb)
+
+    _row("hc_pre+hc_post decode flash t4", _median(hc_step, "cpu", mt), None, gemm, _median(hc_step, "reference", mt),
+         ">= 10x reference")
+
+    for op in ("compress_kv", "moe_experts"):
+        if R.get_backend("cpu").kernel(op) is None:
+            print(f"{op:<46} no cpu kernel yet (target not measured)")
+
+    if args.csa64k:
+        csa_layer_64k(g, gemm)
+    return 0
+
+
+def csa_layer_64k(g: torch.Generator, gemm: float) -> None:
+    """Attention path of one V4-Flash CSA layer over a 64K-token prefill: indexer top-k over the
+    16K compressed indexer keys (FP4) and sparse attention of every query over 128 window + 512
+    selected entries (KV: 64K window rows + 16K compressed rows). Reports the peak RSS."""
+    s, n_c = 65536, 65536 // 4
+    t0 = time.perf_counter()
+    qi = torch.randn(1, s, 64, 128, generator=g).bfloat16()
+    w = torch.randn(1, s, 64, generator=g)
+    keys, ks = v4k.fp4_act_quant(torch.randn(1, n_c, 128, generator=g), 32)
+    pos = torch.arange(s)[None]
+    with v4k.use_backend("cpu"):
+        comp = v4k.indexer_topk(qi, w, keys, pos, TOPK, ratio=4, offset=s, key_scales=ks)
+        del qi, w
+        win = v4k.window_indices([0], s, WINDOW, mode="prefill") if hasattr(v4k, "window_indices") else None
+        idx = torch.cat((win, comp), -1) if win is not None else comp
+        q = torch.randn(1, s, H_FLASH, D, generator=g).bfloat16()
+        kv = v4k.pack_kv_fp8(torch.randn(1, s + n_c, D, generator=g).bfloat16())
+        out = v4k.sparse_attn(q, kv, torch.zeros(H_FLASH), idx)
+    dt = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"{'csa layer prefill 64K (indexer + sparse_attn)':<46} {dt:10.1f} s  peak RSS {rss:.2f} GiB  "
+          f"out {tuple(out.shape)}  target: within 24 GiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
