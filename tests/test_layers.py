@@ -7,7 +7,7 @@ import torch
 from v4kernels.demo import DemoModel, run_demo
 from v4kernels.layers.config import V4Config
 
-TINY = V4Config(dim=256, n_heads=4, q_lora_rank=64, o_groups=2, o_lora_rank=32, index_topk=8,
+TINY = V4Config(dim=256, n_heads=4, q_lora_rank=128, o_groups=2, o_lora_rank=64, index_topk=8,
                 n_routed_experts=8, moe_inter_dim=128, route_scale=1.5, index_n_heads=4, vocab_size=1000)
 
 

@@ -95,3 +95,27 @@ def device_probes() -> dict[str, Probe]:
         "npu": npu_probe(),
         "mlu": mlu_probe(),
     }
+
+
+_ISA_FLAGS = {"avx512": ("avx512f", "avx2", "fma", "f16c"), "avx2": ("avx2", "fma", "f16c")}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """CPU feature flags from /proc/cpuinfo (None where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return frozenset()
+
+
+def missing_cpu_features(isa: str) -> list[str]:
+    """Flags the native CPU extension's instruction set needs that this CPU does not report."""
+    flags = cpu_flags()
+    if flags is None:
+        return []
+    return [f for f in _ISA_FLAGS.get(isa, ()) if f not in flags]

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 
 from . import _platform
-from ._ext import load_extension
+from ._ext import build_info, load_extension
 
 #: Operator families, one folder each under ``v4kernels/ops``.
 FAMILIES: tuple[str, ...] = (
@@ -222,6 +222,12 @@ class CpuBackend(Backend):
     }
 
     def backend_reasons(self, device_type: str) -> list[str]:
+        # Check the ISA the extension was compiled for before loading it: a binary built for
+        # AVX-512 must not even be imported on a CPU without it.
+        missing = _platform.missing_cpu_features(build_info().get("cpu_isa", ""))
+        if missing:
+            return [f"v4kernels._C_cpu was built for {build_info().get('cpu_isa')} but this CPU lacks {', '.join(missing)}; "
+                    "rebuild with V4K_CPU_ISA=avx2 or baseline"]
         p = load_extension("_C_cpu", "cpu")
         return [] if p.ok else [p.detail]
 

@@ -6,7 +6,7 @@ NVIDIA GPUs of any generation, on Ascend NPUs through Triton-Ascend and on the C
 
 * FP8 e4m3, FP4 e2m1 and UE8M0 values are decoded and encoded with integer bit operations
   (:func:`e4m3_decode`, :func:`e4m3_encode`, :func:`e2m1_decode`, :func:`e2m1_encode`,
-  :func:`ue8m0_decode`); no ``tl.float8*`` type is used, so nothing depends on hardware FP8.
+  :func:`ue8m0_decode`); no Triton FP8 dtype is used, so nothing depends on hardware FP8.
 * bf16/fp16 loads are upcast to fp32 at once; arithmetic is fp32.
 * bf16 outputs are rounded to nearest-even with integer ops and stored through an ``int16`` view
   (:func:`store_out` with ``OUT_KIND == 1``), which is exact on every target (the interpreter's
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
@@ -214,7 +212,8 @@ def e4m3_decode(code):
     normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
     sub = m.to(tl.float32) * 0.001953125  # m * 2^-9
     v = tl.where(e == 0, sub, normal)
-    return tl.where((c & 0x80) != 0, -v, v)
+    # sign as a bit (``-v`` would turn -0 into +0)
+    return (v.to(tl.uint32, bitcast=True) | ((c & 0x80).to(tl.uint32) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -257,7 +256,7 @@ def e2m1_decode(code):
     m = c & 1
     normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)
     v = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
-    return tl.where((c & 0x8) != 0, -v, v)
+    return (v.to(tl.uint32, bitcast=True) | ((c & 0x8).to(tl.uint32) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -272,11 +271,6 @@ def e2m1_encode(v):
     c += (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32)
     sign = ((v.to(tl.uint32, bitcast=True) >> 28) & 0x8).to(tl.int32)
     return (c | sign).to(tl.uint8)
-
-
-def launch_meta(**kw: Any) -> dict[str, Any]:
-    """Extra launch options per target (warps only on real devices)."""
-    return kw
 
 
 __all__ = [

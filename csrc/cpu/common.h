@@ -10,6 +10,7 @@
 // compiler and the build machine support them).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -196,5 +197,77 @@ struct Scratch {
     return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
   }
 };
+
+// ------------------------------------------------------------------ QAT simulation (SPEC §4.2-4.5)
+// Bit-exact with the reference kernels: scales from the fp32 bits, true division by the scale,
+// round-to-nearest-even into the storage grid, multiplication back by the scale.
+
+// Power-of-two scale 2^ceil(log2(amax * fp32(1/qmax))) from the fp32 bits (SPEC §4.2).
+static inline float pow2_scale(float amax, float inv_qmax) {
+  const float f = amax * inv_qmax;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const int k = static_cast<int>((u >> 23) & 0xffu) - 127 + ((u & 0x7fffffu) != 0 ? 1 : 0);
+  return std::ldexp(1.0f, k);
+}
+
+// fp32 value (|v| <= 448) -> nearest e4m3fn value (RNE), as fp32.
+static inline float e4m3_round(float v) {
+  const float a = std::fabs(v);
+  if (a < 0.015625f) {  // below the smallest normal 2^-6: the subnormal grid step is 2^-9
+    const float r = std::nearbyint(a * 512.0f) / 512.0f;
+    return std::signbit(v) ? -r : r;
+  }
+  // keep 3 mantissa bits, ties to even (a carry into the exponent is the right answer)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u += 0x7ffffu + ((u >> 20) & 1u);
+  u &= ~0xfffffu;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+// act_quant_roundtrip(x, block, round_scale=True) on n values in place (n % block == 0).
+static inline void fp8_roundtrip_pow2(float* x, int64_t n, int64_t block) {
+  const float inv = static_cast<float>(1.0 / 448.0);
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    float amax = 0.f;
+    for (int64_t i = b0; i < b0 + block; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float s = pow2_scale(std::max(amax, 1e-4f), inv);
+    for (int64_t i = b0; i < b0 + block; ++i) {
+      const float v = std::min(std::max(x[i] / s, -448.0f), 448.0f);
+      x[i] = e4m3_round(v) * s;
+    }
+  }
+}
+
+// e2m1 code of an fp32 value already divided by its scale (RNE, saturating at 6, SPEC §4.1).
+static inline int e2m1_code(float v) {
+  const float a = std::min(std::fabs(v), 6.0f);
+  const int code = (a > 0.25f) + (a > 1.25f) + (a > 2.5f) + (a > 5.0f) + (a >= 0.75f) + (a >= 1.75f) + (a >= 3.5f);
+  return code | (std::signbit(v) ? 8 : 0);
+}
+
+// fp4_act_roundtrip(x, block) on n values in place (n % block == 0).
+static inline void fp4_roundtrip(float* x, int64_t n, int64_t block) {
+  const float inv = static_cast<float>(1.0 / 6.0);
+  const float amin = std::ldexp(6.0f, -126);
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    float amax = 0.f;
+    for (int64_t i = b0; i < b0 + block; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float s = pow2_scale(std::max(amax, amin), inv);
+    for (int64_t i = b0; i < b0 + block; ++i) x[i] = kFp4[e2m1_code(x[i] / s)] * s;
+  }
+}
+
+// Round n fp32 values through a float storage type and back (x.to(dtype).float()).
+static inline void round_through(float* x, int dtype, int64_t n) {
+  if (dtype == BF16) {
+    for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+  } else if (dtype == F16) {
+    for (int64_t i = 0; i < n; ++i) x[i] = f16_to_f32(f32_to_f16(x[i]));
+  }
+}
 
 }  // namespace v4k_cpu

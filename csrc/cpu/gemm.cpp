@@ -79,3 +79,100 @@ void weight_gemm_small(const float* A, int64_t M, const WeightView& w, int64_t e
 }
 
 }  // namespace v4k_cpu
+
+// ------------------------------------------------------------------------------------------
+// Panel GEMM with a fixed summation order (moe_experts, compress_kv).
+//
+// C[m, n] = Σ_k A[m, k] · W_e[n, k], accumulated strictly in k order by one FMA chain per output
+// element, so a row's result never depends on M, on its position in the call or on the thread
+// count (the compressor's chunking invariance rests on this). Each thread decodes a panel of NR
+// weight rows into a k-major [K, NR] fp32 buffer (the weight stays in its storage format in
+// memory) and sweeps all M rows over it in MR-row register tiles.
+namespace v4k_cpu {
+namespace {
+
+constexpr int NV = NREG >= 32 ? 4 : 2;  // vectors per panel row
+constexpr int64_t NR = NV * VW;         // panel width (weight rows)
+constexpr int MR = 6;                   // activation rows per register tile
+
+template <int R>
+void panel_tile(const float* A, int64_t lda, const float* P, int64_t K, float* C, int64_t ldc, int64_t ncols) {
+  vf acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(P + k * NR + v * VW);
+    for (int r = 0; r < R; ++r) {
+      const vf a = vbcast(A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (ncols == NR) {
+      for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * VW, acc[r][v]);
+    } else {
+      float tmp[NR];
+      for (int v = 0; v < NV; ++v) vstore(tmp + v * VW, acc[r][v]);
+      for (int64_t j = 0; j < ncols; ++j) C[r * ldc + j] = tmp[j];
+    }
+  }
+}
+
+void panel_rows(const float* A, int64_t M, int64_t lda, const float* P, int64_t K, float* C, int64_t ldc,
+                int64_t ncols) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) panel_tile<MR>(A + m * lda, lda, P, K, C + m * ldc, ldc, ncols);
+  const float* a = A + m * lda;
+  float* c = C + m * ldc;
+  switch (M - m) {
+    case 5: panel_tile<5>(a, lda, P, K, c, ldc, ncols); break;
+    case 4: panel_tile<4>(a, lda, P, K, c, ldc, ncols); break;
+    case 3: panel_tile<3>(a, lda, P, K, c, ldc, ncols); break;
+    case 2: panel_tile<2>(a, lda, P, K, c, ldc, ncols); break;
+    case 1: panel_tile<1>(a, lda, P, K, c, ldc, ncols); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void gemm_panels(const GemmJob* jobs, int njobs) {
+  std::vector<int64_t> first(njobs + 1, 0);  // first panel index of each job
+  for (int j = 0; j < njobs; ++j) first[j + 1] = first[j] + (jobs[j].w.rows + NR - 1) / NR;
+  const int64_t total = first[njobs];
+  if (total == 0) return;
+  int64_t work = 0;
+  for (int j = 0; j < njobs; ++j) work += jobs[j].M * jobs[j].w.rows * jobs[j].w.cols;
+#pragma omp parallel if (work > (int64_t(1) << 18))
+  {
+    Scratch ps, rs;
+    float* panel = nullptr;
+    float* row = nullptr;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < total; ++p) {
+      int j = 0;
+      while (first[j + 1] <= p) ++j;
+      const GemmJob& jb = jobs[j];
+      const int64_t K = jb.w.cols, n0 = (p - first[j]) * NR, nc = std::min<int64_t>(NR, jb.w.rows - n0);
+      if (jb.M == 0) continue;
+      if (!panel) {
+        int64_t kmax = 0;
+        for (int i = 0; i < njobs; ++i) kmax = std::max(kmax, jobs[i].w.cols);
+        panel = ps.get(kmax * NR);
+        row = rs.get(kmax);
+      }
+      for (int64_t i = 0; i < NR; ++i) {
+        if (i < nc) {
+          decode_weight_row(jb.w, jb.e, n0 + i, row);
+          for (int64_t k = 0; k < K; ++k) panel[k * NR + i] = row[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) panel[k * NR + i] = 0.f;
+        }
+      }
+      panel_rows(jb.A, jb.M, jb.lda, panel, K, jb.C + n0, jb.ldc, nc);
+    }
+  }
+}
+
+}  // namespace v4k_cpu

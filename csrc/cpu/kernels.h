@@ -53,4 +53,51 @@ void dequant_weight(const WeightView& w, int64_t e, float* out);
 // C [M, rows] fp32 = A [M, cols] fp32 · W_eᵀ, decoding each weight row once (small M)
 void weight_gemm_small(const float* A, int64_t M, const WeightView& w, int64_t e, float* C);
 
+// One GEMM of gemm_panels: C [M, w.rows] (row stride ldc) = A [M, w.cols] (row stride lda) · W_eᵀ,
+// fp32, each output element one k-ordered FMA chain (independent of M and threading).
+struct GemmJob {
+  const float* A;
+  int64_t M, lda;
+  WeightView w;
+  int64_t e;
+  float* C;
+  int64_t ldc;
+};
+// Runs all jobs in one parallel region (work split over panels of weight rows).
+void gemm_panels(const GemmJob* jobs, int njobs);
+
+// moe_experts (SPEC §11.3-11.4): x [T,D] (float code), weights fp32 [T,k], ids int32 [T,k]
+// (−1 = skip), w1/w3 [E,I,D], w2 [E,D,I]; out fp32 [T,D]. quant_act: FP8 act_quant (block 128,
+// pow2) of every GEMM input (quantised weights).
+void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t* topk_ids, int64_t T, int64_t D,
+                 int64_t k, const WeightView& w1, const WeightView& w3, const WeightView& w2, int64_t E, int64_t I,
+                 float swiglu_limit, bool weight_after_w2, float* out);
+
+// compress_kv (SPEC §6). quant: 0 none, 1 fp8 (block 64 on the nope dims), 2 fp4 (Hadamard +
+// block 32). Inputs are contiguous; the state tensors are read from *_in and written to *_out.
+struct CompressArgs {
+  const void* x;
+  int x_dtype;
+  int64_t B, S, D, hd, ratio, nfreq;
+  WeightView wkv, wgate;  // [coff·hd, D]
+  const float* ape;       // [ratio, coff·hd]
+  const float* norm_w;    // [hd]
+  const float* freqs;     // [nfreq]
+  const float* pkv_in;    // [B, ratio, coff·hd]
+  const float* psc_in;
+  const float* vkv_in;    // [B, ratio, hd] (CSA) or unused
+  const float* vsc_in;
+  const int64_t* n_tokens;  // [B]
+  int quant;
+  float eps;
+  void* entries;  // [B, ceil(S/ratio), hd] x dtype
+  int32_t* num_new;
+  float *pkv_out, *psc_out, *vkv_out, *vsc_out;
+  int64_t* n_tokens_out;
+};
+void compress_kv(const CompressArgs& a);
+
+void hc_head(const void* x, int x_dtype, const float* hc_fn, const float* hc_scale, const float* hc_base, int64_t T,
+             int64_t hc, int64_t D, float norm_eps, float hc_eps, void* out);
+
 }  // namespace v4k_cpu

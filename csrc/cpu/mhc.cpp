@@ -73,10 +73,14 @@ void hc_split_sinkhorn(const float* mixes, const float* hc_scale, const float* h
     split_one(mixes + t * nm, hc_scale, hc_base, hc, iters, eps, pre + t * hc, post + t * hc, comb + t * hc * hc);
 }
 
-void hc_pre(const void* x, int x_dtype, const float* hc_fn, const float* hc_scale, const float* hc_base, int64_t T,
-            int64_t hc, int64_t D, int64_t iters, float norm_eps, float hc_eps, void* x_in, float* post,
-            float* comb) {
-  const int64_t nm = (2 + hc) * hc;
+namespace {
+
+// hc_pre (head = false: nm = (2+hc)·hc mix rows, Sinkhorn split) and hc_head (head = true: nm = hc
+// rows, pre = sigmoid(mix·s0 + b) + eps, SPEC §10.5) share the mix GEMV and the collapse.
+void mix_collapse(const void* x, int x_dtype, const float* hc_fn, const float* hc_scale, const float* hc_base,
+                  int64_t T, int64_t hc, int64_t D, int64_t iters, float norm_eps, float hc_eps, void* x_in,
+                  float* post, float* comb, bool head) {
+  const int64_t nm = head ? hc : (2 + hc) * hc;
   const int64_t L = hc * D;
   const int xes = elem_size(x_dtype);
   constexpr int64_t TB = 4;  // tokens sharing each pass over hc_fn
@@ -128,7 +132,12 @@ void hc_pre(const void* x, int x_dtype, const float* hc_fn, const float* hc_scal
     for (int64_t t = 0; t < T; ++t) {
       float* m = mixes.data() + t * nm;
       for (int64_t r = 0; r < nm; ++r) m[r] *= rs[t];
-      split_one(m, hc_scale, hc_base, hc, iters, hc_eps, pre.data() + t * hc, post + t * hc, comb + t * hc * hc);
+      if (head) {
+        for (int64_t r = 0; r < hc; ++r)
+          pre[t * hc + r] = 1.0f / (1.0f + std::exp(-(m[r] * hc_scale[0] + hc_base[r]))) + hc_eps;
+      } else {
+        split_one(m, hc_scale, hc_base, hc, iters, hc_eps, pre.data() + t * hc, post + t * hc, comb + t * hc * hc);
+      }
     }
     // SPEC §10.3: x_in = Σ_j pre[j] · X[j], one rounding; parallel over (token, D chunk)
     constexpr int64_t DC = 1024;
@@ -147,6 +156,19 @@ void hc_pre(const void* x, int x_dtype, const float* hc_fn, const float* hc_scal
         store_row(o.data(), x_dtype, static_cast<char*>(x_in) + (t * D + d0) * xes, n);
       }
   }
+}
+
+}  // namespace
+
+void hc_pre(const void* x, int x_dtype, const float* hc_fn, const float* hc_scale, const float* hc_base, int64_t T,
+            int64_t hc, int64_t D, int64_t iters, float norm_eps, float hc_eps, void* x_in, float* post,
+            float* comb) {
+  mix_collapse(x, x_dtype, hc_fn, hc_scale, hc_base, T, hc, D, iters, norm_eps, hc_eps, x_in, post, comb, false);
+}
+
+void hc_head(const void* x, int x_dtype, const float* hc_fn, const float* hc_scale, const float* hc_base, int64_t T,
+             int64_t hc, int64_t D, float norm_eps, float hc_eps, void* out) {
+  mix_collapse(x, x_dtype, hc_fn, hc_scale, hc_base, T, hc, D, 0, norm_eps, hc_eps, out, nullptr, nullptr, true);
 }
 
 void hc_post(const void* x, int x_dtype, const void* residual, const float* post, const float* comb, int64_t T,

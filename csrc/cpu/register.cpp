@@ -262,6 +262,168 @@ Tensor fp4_gemm(const Tensor& a, const Tensor& a_s, const Tensor& b, const Tenso
   return weight_gemm(af, w, 0).to(out_dtype);
 }
 
+// ------------------------------------------------------------------------------ moe
+// An expert weight stack [E, rows, cols] (FP4: [E, rows, cols/2] packed) in its storage format,
+// with the contiguous tensors it points into kept alive.
+struct OwnedWeight {
+  Tensor data, scales;
+  v4k_cpu::WeightView view;
+};
+
+OwnedWeight expert_weight(const Tensor& w, const c10::optional<Tensor>& w_s, const char* name) {
+  TORCH_CHECK(w.dim() == 3, "v4k_cpu::moe_experts: ", name, " must be [E, rows, cols], got ", w.sizes());
+  check_cpu(w, "moe_experts", name);
+  OwnedWeight o;
+  const int64_t E = w.size(0), R = w.size(1);
+  const auto st = w.scalar_type();
+  if (st == at::kFloat8_e4m3fn) {
+    const int64_t C = w.size(2);
+    TORCH_CHECK(w_s.has_value() && w_s->numel() == E * ((R + 127) / 128) * ((C + 127) / 128),
+                "v4k_cpu::moe_experts: e4m3 ", name, " needs scales [E, ceil(rows/128), ceil(cols/128)]");
+    o.data = w.contiguous();
+    o.scales = scales_f32(*w_s);
+    o.view = {o.data.data_ptr(), o.scales.data_ptr<float>(), v4k_cpu::W_FP8, R, C};
+  } else if (st == at::kByte || st == at::kChar || st == at::kFloat4_e2m1fn_x2) {
+    const int64_t C = 2 * w.size(2);
+    TORCH_CHECK(C % 32 == 0 && w_s.has_value() && w_s->numel() == E * R * (C / 32),
+                "v4k_cpu::moe_experts: packed FP4 ", name, " needs scales [E, rows, cols/32]");
+    o.data = w.contiguous().view(at::kByte);
+    o.scales = scales_f32(*w_s);
+    o.view = {o.data.data_ptr(), o.scales.data_ptr<float>(), v4k_cpu::W_FP4, R, C};
+  } else {
+    o.data = w.contiguous();
+    o.view = {o.data.data_ptr(), nullptr, float_code(w, "moe_experts", name), R, w.size(2)};
+  }
+  return o;
+}
+
+Tensor moe_experts(const Tensor& x, const Tensor& topk_weights, const Tensor& topk_ids, const Tensor& w1,
+                   const c10::optional<Tensor>& w1_s, const Tensor& w3, const c10::optional<Tensor>& w3_s,
+                   const Tensor& w2, const c10::optional<Tensor>& w2_s, double swiglu_limit, bool weight_after_w2,
+                   at::ScalarType out_dtype) {
+  for (auto* p : {&x, &topk_weights, &topk_ids}) check_cpu(*p, "moe_experts", "inputs");
+  TORCH_CHECK(x.dim() == 2, "v4k_cpu::moe_experts: x must be [T, D], got ", x.sizes());
+  const int64_t T = x.size(0), D = x.size(1);
+  const int xd = float_code(x, "moe_experts", "x");
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_ids.scalar_type() == at::kInt &&
+                  topk_weights.sizes() == topk_ids.sizes(),
+              "v4k_cpu::moe_experts: topk_ids int32 [T, k] and topk_weights [T, k], got ", topk_ids.sizes(), " ",
+              topk_weights.sizes());
+  const int64_t k = topk_ids.size(1);
+  TORCH_CHECK(k <= 64, "v4k_cpu::moe_experts: at most 64 experts per token, got ", k);
+  auto o1 = expert_weight(w1, w1_s, "w1"), o3 = expert_weight(w3, w3_s, "w3"), o2 = expert_weight(w2, w2_s, "w2");
+  const int64_t E = w1.size(0), I = o1.view.rows;
+  TORCH_CHECK(o1.view.cols == D && o3.view.rows == I && o3.view.cols == D && o2.view.rows == D && o2.view.cols == I &&
+                  w3.size(0) == E && w2.size(0) == E,
+              "v4k_cpu::moe_experts: w1, w3 must be [E, I, D] and w2 [E, D, I]");
+  for (const auto* o : {&o1, &o3, &o2})
+    TORCH_CHECK(o->view.scales == nullptr || o->view.cols % 128 == 0,
+                "v4k_cpu::moe_experts: quantised weights need an input dim that is a multiple of 128 (act_quant)");
+  auto out = at::empty({T, D}, x.options().dtype(at::kFloat));
+  if (T == 0 || D == 0) return out.to(out_dtype);
+  auto xc = x.contiguous();
+  auto wc = topk_weights.to(at::kFloat).contiguous();
+  auto ic = topk_ids.contiguous();
+  {
+    const int32_t* ids = ic.data_ptr<int32_t>();
+    for (int64_t i = 0; i < ic.numel(); ++i)
+      TORCH_CHECK(ids[i] >= -1 && ids[i] < E, "v4k_cpu::moe_experts: expert id ", ids[i], " outside [-1, ", E, ")");
+  }
+  if (I == 0) return out.zero_().to(out_dtype);
+  v4k_cpu::moe_experts(xc.data_ptr(), xd, wc.data_ptr<float>(), ic.data_ptr<int32_t>(), T, D, k, o1.view, o3.view,
+                       o2.view, E, I, static_cast<float>(swiglu_limit), weight_after_w2, out.data_ptr<float>());
+  return out_dtype == at::kFloat ? out : out.to(out_dtype);
+}
+
+// ------------------------------------------------------------------------------ compressor
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
+    const Tensor& x, const Tensor& wkv, const Tensor& wgate, const Tensor& ape, const Tensor& norm_weight,
+    const Tensor& freqs, const Tensor& pending_kv, const Tensor& pending_score, const Tensor& prev_kv,
+    const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio, c10::string_view quant, double eps) {
+  const char* op = "compress_kv";
+  for (auto* p : {&x, &wkv, &wgate, &ape, &norm_weight, &freqs, &pending_kv, &pending_score, &prev_kv, &prev_score,
+                  &n_tokens})
+    check_cpu(*p, op, "inputs");
+  TORCH_CHECK(x.dim() == 3, "v4k_cpu::compress_kv: x must be [B, S, D], got ", x.sizes());
+  const int64_t B = x.size(0), S = x.size(1), D = x.size(2), hd = norm_weight.numel();
+  TORCH_CHECK(ratio >= 1, "v4k_cpu::compress_kv: ratio must be >= 1, got ", ratio);
+  const int64_t coff = ratio == 4 ? 2 : 1, W = coff * hd, nf = freqs.numel();
+  TORCH_CHECK(wkv.dim() == 2 && wkv.size(0) == W && wkv.size(1) == D && wgate.sizes() == wkv.sizes(),
+              "v4k_cpu::compress_kv: wkv and wgate must be [", W, ", ", D, "], got ", wkv.sizes(), " ", wgate.sizes());
+  TORCH_CHECK(ape.numel() == ratio * W, "v4k_cpu::compress_kv: ape must be [", ratio, ", ", W, "]");
+  TORCH_CHECK(2 * nf <= hd, "v4k_cpu::compress_kv: 2*len(freqs) must be <= head dim");
+  TORCH_CHECK(pending_kv.numel() == B * ratio * W && pending_score.numel() == B * ratio * W &&
+                  pending_kv.scalar_type() == at::kFloat && pending_score.scalar_type() == at::kFloat,
+              "v4k_cpu::compress_kv: pending state must be float32 [B, ratio, coff*hd]");
+  TORCH_CHECK(prev_kv.numel() == (coff == 2 ? B * ratio * hd : 0) && prev_score.numel() == prev_kv.numel() &&
+                  prev_kv.scalar_type() == at::kFloat && prev_score.scalar_type() == at::kFloat,
+              "v4k_cpu::compress_kv: prev state must be float32 [B, ratio, hd] (CSA) or empty");
+  TORCH_CHECK(n_tokens.numel() == B && n_tokens.scalar_type() == at::kLong, "v4k_cpu::compress_kv: n_tokens int64 [B]");
+  int qc;
+  if (quant == "none") qc = 0;
+  else if (quant == "fp8") qc = 1;
+  else if (quant == "fp4") qc = 2;
+  else TORCH_CHECK(false, "v4k_cpu::compress_kv: quant must be none/fp8/fp4, got ", std::string(quant));
+  TORCH_CHECK(qc != 1 || (hd - 2 * nf) % 64 == 0, "v4k_cpu::compress_kv: fp8 needs (hd - rope dims) % 64 == 0");
+  TORCH_CHECK(qc != 2 || (hd > 0 && (hd & (hd - 1)) == 0 && hd % 32 == 0),
+              "v4k_cpu::compress_kv: fp4 needs a power-of-two head dim >= 32");
+  const int xd = float_code(x, op, "x");
+  auto xc = x.contiguous(), wk = wkv.contiguous(), wg = wgate.contiguous();
+  auto apef = ape.to(at::kFloat).contiguous(), nw = norm_weight.to(at::kFloat).contiguous();
+  auto fr = freqs.to(at::kFloat).contiguous();
+  auto pk = pending_kv.contiguous(), ps = pending_score.contiguous(), vk = prev_kv.contiguous(),
+       vs = prev_score.contiguous(), nt = n_tokens.contiguous();
+  auto entries = at::empty({B, (S + ratio - 1) / ratio, hd}, x.options());
+  auto num_new = at::empty({B}, n_tokens.options().dtype(at::kInt));
+  auto pko = at::empty_like(pk), pso = at::empty_like(ps), vko = at::empty_like(vk), vso = at::empty_like(vs);
+  auto nto = at::empty_like(nt);
+  v4k_cpu::CompressArgs a{};
+  a.x = xc.data_ptr();
+  a.x_dtype = xd;
+  a.B = B, a.S = S, a.D = D, a.hd = hd, a.ratio = ratio, a.nfreq = nf;
+  a.wkv = {wk.data_ptr(), nullptr, float_code(wk, op, "wkv"), W, D};
+  a.wgate = {wg.data_ptr(), nullptr, float_code(wg, op, "wgate"), W, D};
+  a.ape = apef.data_ptr<float>();
+  a.norm_w = nw.data_ptr<float>();
+  a.freqs = fr.data_ptr<float>();
+  a.pkv_in = pk.data_ptr<float>(), a.psc_in = ps.data_ptr<float>();
+  a.vkv_in = vk.data_ptr<float>(), a.vsc_in = vs.data_ptr<float>();
+  a.n_tokens = nt.data_ptr<int64_t>();
+  a.quant = qc;
+  a.eps = static_cast<float>(eps);
+  a.entries = entries.data_ptr();
+  a.num_new = num_new.data_ptr<int32_t>();
+  a.pkv_out = pko.data_ptr<float>(), a.psc_out = pso.data_ptr<float>();
+  a.vkv_out = vko.data_ptr<float>(), a.vsc_out = vso.data_ptr<float>();
+  a.n_tokens_out = nto.data_ptr<int64_t>();
+  if (B > 0) v4k_cpu::compress_kv(a);
+  return {entries, num_new, pko, pso, vko, vso, nto};
+}
+
+Tensor hc_head(const Tensor& x, const Tensor& hc_fn, const Tensor& hc_scale, const Tensor& hc_base, double norm_eps,
+               double hc_eps) {
+  TORCH_CHECK(x.dim() >= 2, "v4k_cpu::hc_head: x must be [..., hc, D], got ", x.sizes());
+  const int64_t hc = x.size(-2), D = x.size(-1);
+  TORCH_CHECK(hc_fn.dim() == 2 && hc_fn.size(0) == hc && hc_fn.size(1) == hc * D, "v4k_cpu::hc_head: hc_fn must be [",
+              hc, ", ", hc * D, "], got ", hc_fn.sizes());
+  TORCH_CHECK(hc_scale.numel() >= 1 && hc_base.numel() == hc, "v4k_cpu::hc_head: hc_scale [1], hc_base [", hc, "]");
+  const int xd = float_code(x, "hc_head", "x");
+  auto xc = x.contiguous();
+  auto fn = hc_fn.to(at::kFloat).contiguous();
+  auto sc = hc_scale.to(at::kFloat).contiguous();
+  auto bs = hc_base.to(at::kFloat).contiguous();
+  auto v = x.sizes().slice(0, x.dim() - 2).vec();
+  v.push_back(D);
+  auto out = at::empty(v, x.options());
+  const int64_t T = D > 0 && hc > 0 ? xc.numel() / (hc * D) : 0;
+  if (T > 0)
+    v4k_cpu::hc_head(xc.data_ptr(), xd, fn.data_ptr<float>(), sc.data_ptr<float>(), bs.data_ptr<float>(), T, hc, D,
+                     static_cast<float>(norm_eps), static_cast<float>(hc_eps), out.data_ptr());
+  else
+    out.zero_();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(v4k_cpu, m) {
@@ -273,6 +435,9 @@ TORCH_LIBRARY(v4k_cpu, m) {
   m.def("hc_post(Tensor x, Tensor residual, Tensor post, Tensor comb, bool bf16_mix) -> Tensor");
   m.def("fp8_gemm(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) -> Tensor");
   m.def("fp4_gemm(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) -> Tensor");
+  m.def("moe_experts(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w1, Tensor? w1_s, Tensor w3, Tensor? w3_s, Tensor w2, Tensor? w2_s, float swiglu_limit, bool weight_after_w2, ScalarType out_dtype) -> Tensor");
+  m.def("compress_kv(Tensor x, Tensor wkv, Tensor wgate, Tensor ape, Tensor norm_weight, Tensor freqs, Tensor pending_kv, Tensor pending_score, Tensor prev_kv, Tensor prev_score, Tensor n_tokens, int ratio, str quant, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("hc_head(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float norm_eps, float hc_eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(v4k_cpu, CPU, m) {
@@ -284,6 +449,9 @@ TORCH_LIBRARY_IMPL(v4k_cpu, CPU, m) {
   m.impl("hc_post", &hc_post);
   m.impl("fp8_gemm", &fp8_gemm);
   m.impl("fp4_gemm", &fp4_gemm);
+  m.impl("moe_experts", &moe_experts);
+  m.impl("compress_kv", &compress_kv);
+  m.impl("hc_head", &hc_head);
 }
 
 // A minimal Python module so `import v4kernels._C_cpu` loads the library (and runs the

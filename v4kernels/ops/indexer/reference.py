@@ -4,7 +4,8 @@ The work is tiled so that peak memory stays bounded at long context: per sequenc
 queries, per block of keys and per block of heads, never more than about ``_TILE_ELEMS`` fp32
 logits exist at once, and keys are dequantised one key block at a time. Keys past the largest
 causal limit of a query block are never touched (prefill does about half the work of a dense
-``[S, N]`` product).
+``[S, N]`` product). That skip reads the causal limits on the host (a synchronisation on
+accelerators; native kernels mask inside the tile instead).
 
 Numerics: [OFF] evaluates ``q·k`` and the weighted head sum with bf16 tensors; this reference
 upcasts everything to fp32 (SPEC §7.2, §15 #8), so near-tied selections can differ from [OFF] and

@@ -11,7 +11,7 @@ Top-k: each program owns one query. It keeps the best ``KP`` (a power of two >= 
 tile (also ``KP`` wide) sorted ascending, the elementwise maximum of the two sequences is the
 top ``KP`` of their union (the bitonic merge step), which is sorted again. Equal scores keep the
 lower index first, like the reference's stable sort. Under the interpreter, candidate sets wider
-than 64 are merged by rank counting instead (same result; ``tl.sort`` is very slow there).
+than 32 are merged by rank counting instead (same result; ``tl.sort`` is very slow there).
 """
 from __future__ import annotations
 
@@ -88,24 +88,31 @@ def _sort_key(sc, n):
 
 
 @triton.jit
-def _rank_merge(best, cand, KP: tl.constexpr):
+def _rank_merge(best, cand, ws_ptr, KP: tl.constexpr, RB: tl.constexpr):
     """Top ``KP`` of ``best ∪ cand`` (unique keys), sorted descending, by counting ranks.
 
-    O(KP²) compares: used where ``tl.sort`` is slow (the CPU interpreter with large k); the
-    result is identical to the sort-based merge."""
-    allk = tl.join(best, cand).reshape(2 * KP)
+    The union goes to a per-program scratch row (``2·KP`` keys), each key's rank is counted
+    against the union ``RB`` rows at a time, and keys with rank < KP are scattered to their slot.
+    Used where ``tl.sort`` is slow (the CPU interpreter); the result equals the sort merge."""
     i = tl.arange(0, 2 * KP)
-    gt = (allk[None, :] > allk[:, None]) | ((allk[None, :] == allk[:, None]) & (i[None, :] < i[:, None]))
-    rank = tl.sum(gt.to(tl.int32), axis=1)
-    slot = tl.arange(0, KP)
-    return tl.sum(tl.where(rank[None, :] == slot[:, None], allk[None, :], 0), axis=1)
+    tl.store(ws_ptr + i, tl.join(best, cand).reshape(2 * KP).to(tl.int64, bitcast=True))
+    tl.debug_barrier()
+    allk = tl.load(ws_ptr + i).to(tl.uint64, bitcast=True)  # scratch is int64 storage
+    rr = tl.arange(0, RB)
+    for r0 in range(0, 2 * KP, RB):
+        mine = tl.load(ws_ptr + r0 + rr).to(tl.uint64, bitcast=True)
+        gt = (allk[None, :] > mine[:, None]) | ((allk[None, :] == mine[:, None]) & (i[None, :] < r0 + rr[:, None]))
+        rank = tl.sum(gt.to(tl.int32), axis=1)
+        tl.store(ws_ptr + 2 * KP + rank, mine.to(tl.int64, bitcast=True), mask=rank < KP)
+    tl.debug_barrier()
+    return tl.load(ws_ptr + 2 * KP + tl.arange(0, KP)).to(tl.uint64, bitcast=True)
 
 
 @triton.jit
 def _indexer_topk_kernel(
-    q_ptr, w_ptr, k_ptr, ks_ptr, pos_ptr, o_ptr, S, N, H, ratio, K, offset,
+    q_ptr, w_ptr, k_ptr, ks_ptr, pos_ptr, o_ptr, ws_ptr, S, N, H, ratio, K, offset,
     DI: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, KFMT: tl.constexpr, CH: tl.constexpr,
-    KS_UE8M0: tl.constexpr, DOT_BF16: tl.constexpr, MERGE_SORT: tl.constexpr,
+    KS_UE8M0: tl.constexpr, DOT_BF16: tl.constexpr, MERGE_SORT: tl.constexpr, RB: tl.constexpr,
 ):
     r = tl.program_id(0)
     kb = r // S
@@ -117,7 +124,7 @@ def _indexer_topk_kernel(
             cand = tl.sort(_sort_key(sc, n), descending=False)
             best = tl.sort(tl.maximum(best, cand), descending=True)
         else:
-            best = _rank_merge(best, _sort_key(sc, n), KP)
+            best = _rank_merge(best, _sort_key(sc, n), ws_ptr + r.to(tl.int64) * (3 * KP), KP, RB)
     slot = tl.arange(0, KP)
     idx = (0xFFFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
     out = tl.where(slot < limit, idx + offset, -1)
@@ -189,8 +196,9 @@ def indexer_topk(q, weights, keys, key_scales, positions, topk, ratio, offset):
     kk, ks, meta = _args(q, weights, keys, key_scales)
     kp = max(16, U.next_pow2(k))
     # the sort-based merge is the device path; the interpreter's tl.sort costs ~3 ms per element,
-    # so there only small candidate sets use it (the tests cover both merges)
-    merge_sort = U.target_kind(q.device) != "interpret" or kp <= 64
-    _indexer_topk_kernel[(b * s,)](q, weights, kk, ks, positions.contiguous(), out, s, n, h, ratio, k, offset, KP=kp,
-                                   MERGE_SORT=merge_sort, **meta)
+    # so there only candidate sets up to 32 use it (the tests cover both merges)
+    merge_sort = U.target_kind(q.device) != "interpret" or kp <= 32
+    ws = q if merge_sort else torch.empty((b * s, 3 * kp), dtype=torch.int64, device=q.device)
+    _indexer_topk_kernel[(b * s,)](q, weights, kk, ks, positions.contiguous(), out, ws, s, n, h, ratio, k, offset, KP=kp,
+                                   MERGE_SORT=merge_sort, RB=min(2 * kp, max(16, (1 << 20) // (2 * kp))), **meta)
     return out

@@ -1,6 +1,6 @@
 """Native CPU kernels of the mHC ops (csrc/cpu/mhc.cpp, SPEC §10).
 
-``hc_pre`` is one fused pass: the RMS-scaled mix GEMV over the flattened streams (sum of squares
+``hc_pre`` (and ``hc_head``, SPEC §10.5, with sigmoid gates instead of the Sinkhorn split) is one fused pass: the RMS-scaled mix GEMV over the flattened streams (sum of squares
 in the same pass), the Sinkhorn split and the stream collapse; ``hc_post`` expands and mixes the
 streams with the transposed comb in fp32 and rounds once (or the [HF] bf16 mixing variant).
 """
@@ -32,3 +32,9 @@ def _hc_post_supports(x: torch.Tensor, residual: torch.Tensor, post: torch.Tenso
 @register_kernel("cpu", "hc_post", supports=_hc_post_supports)
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, bf16_mix: bool) -> torch.Tensor:
     return torch.ops.v4k_cpu.hc_post(x, residual, post, comb, bool(bf16_mix))
+
+
+@register_kernel("cpu", "hc_head")
+def hc_head(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, norm_eps: float,
+            hc_eps: float) -> torch.Tensor:
+    return torch.ops.v4k_cpu.hc_head(x, hc_fn, hc_scale, hc_base, float(norm_eps), float(hc_eps))

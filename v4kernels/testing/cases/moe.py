@@ -307,8 +307,8 @@ def _expert_case(name: str, path: str, tags: set[str], large: bool = False, **kw
 
 
 _expert_case("bf16_e8_k6_t16", "bf16", {"small"}, t=16, k=6, n_experts=8, dim=192, inter=96, act_scale=4.0)
-_expert_case("fp8_e8_k6_t16", "fp8", {"small"}, fmt="fp8", t=16, k=6, n_experts=8, dim=256, inter=256, act_scale=4.0)
-_expert_case("fp4_e16_k6_t16", "fp4", {"small"}, fmt="fp4", t=16, k=6, n_experts=16, dim=256, inter=128, act_scale=4.0)
+_expert_case("fp8_e8_k6_t12", "fp8", {"small"}, fmt="fp8", t=12, k=6, n_experts=8, dim=256, inter=128, act_scale=4.0)
+_expert_case("fp4_e16_k6_t10", "fp4", {"small"}, fmt="fp4", t=10, k=6, n_experts=16, dim=256, inter=128, act_scale=4.0)
 _expert_case("fp4_e8_k6_t7_hf_after_w2", "fp4", {"hf"}, fmt="fp4", t=7, k=6, n_experts=8, dim=128, inter=256,
              weight_after_w2=True)
 _expert_case("fp8_out_fp32_t9", "fp8", {"small"}, fmt="fp8", t=9, k=6, n_experts=8, dim=128, inter=128,
