@@ -28,10 +28,15 @@ _FP4_TIE_HIGH = (0.75, 1.75, 3.5)
 
 
 @functools.cache
-def _fp4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fp4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Boundaries where a tie belongs to the upper code are moved down by one fp32 ulp, so one
+    # `bucketize(right=False)` (ties go to the lower bucket) implements ties-to-even-code exactly:
+    # no fp32 value lies strictly between a boundary and its predecessor.
+    bounds = sorted(
+        [b for b in _FP4_TIE_LOW] + [float(torch.nextafter(torch.tensor(b), torch.tensor(0.0))) for b in _FP4_TIE_HIGH]
+    )
     return (
-        torch.tensor(_FP4_TIE_LOW, dtype=torch.float32, device=device),
-        torch.tensor(_FP4_TIE_HIGH, dtype=torch.float32, device=device),
+        torch.tensor(bounds, dtype=torch.float32, device=device),
         torch.tensor(FP4_VALUES, dtype=torch.float32, device=device),
     )
 
@@ -67,16 +72,15 @@ def fp8_encode(v: torch.Tensor) -> torch.Tensor:
 
 def fp4_encode(v: torch.Tensor) -> torch.Tensor:
     """fp32 values (already divided by the scale) -> e2m1 codes 0..15 as uint8 (RNE, saturating)."""
-    lo, hi, _ = _fp4_tables(v.device)
-    a = v.abs().clamp_max(FP4_MAX)
-    code = (a.unsqueeze(-1) > lo).sum(-1) + (a.unsqueeze(-1) >= hi).sum(-1)
-    sign = torch.signbit(v).to(torch.int64) << 3
+    bounds, _ = _fp4_tables(v.device)
+    code = torch.bucketize(v.abs().clamp_max(FP4_MAX), bounds, out_int32=True)
+    sign = torch.signbit(v).to(torch.int32) << 3
     return (code | sign).to(torch.uint8)
 
 
 def fp4_decode(codes: torch.Tensor) -> torch.Tensor:
     """e2m1 codes 0..15 -> fp32 values."""
-    _, _, table = _fp4_tables(codes.device)
+    _, table = _fp4_tables(codes.device)
     return table[codes.long()]
 
 
