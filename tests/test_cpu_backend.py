@@ -232,3 +232,157 @@ def test_block_scaled_gemms(m):
     bf = v4k.fp4_act_dequant(b4, b4_s, 32, torch.float32).double()
     out4 = torch.ops.v4k_cpu.fp4_gemm(a, a_s, b4, b4_s, torch.float32)
     torch.testing.assert_close(out4.double(), af @ bf.T, atol=1e-3, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ moe_experts
+def _moe_weights(g, fmt, e, i, d):
+    from v4kernels.ops.moe.reference import quantize_fp4_rows, quantize_fp8_blocks
+
+    ws = [torch.randn(e, r, c, generator=g) * 0.05 for r, c in ((i, d), (i, d), (d, i))]
+    if fmt == "bf16":
+        return [(w.bfloat16(), None) for w in ws]
+    return [quantize_fp8_blocks(w) if fmt == "fp8" else quantize_fp4_rows(w) for w in ws]
+
+
+def _moe_both(x, wts, ids, weights, **kw):
+    (w1, s1), (w3, s3), (w2, s2) = weights
+    out = {}
+    for be in ("cpu", "reference"):
+        with v4k.use_backend(be):
+            out[be] = v4k.moe_experts(x, wts, ids, w1, w3, w2, w1_scale=s1, w3_scale=s3, w2_scale=s2, **kw)
+    return out["cpu"], out["reference"]
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "fp4"])
+@pytest.mark.parametrize("routing", ["zero_token_experts", "one_expert_all", "minus_one", "all_minus_one"])
+def test_moe_experts_routing_edges(fmt, routing):
+    g = torch.Generator().manual_seed(7)
+    t, e, k, d, i = 9, 6, 3, 256, 384  # I not a multiple of the 64-row panel, T not of the 6-row tile
+    x = (torch.randn(t, d, generator=g) * 2).bfloat16()
+    wts = torch.rand(t, k, generator=g)
+    if routing == "zero_token_experts":  # experts 0, 2, 5 receive nothing
+        ids = torch.tensor([[1, 3, 4], [4, 3, 1]] * 4 + [[3, 1, 4]], dtype=torch.int32)
+    elif routing == "one_expert_all":  # one expert takes every token (k = 1) ...
+        ids, wts = torch.full((t, 1), 2, dtype=torch.int32), wts[:, :1]
+    else:
+        ids = torch.randint(0, e, (t, k), generator=g, dtype=torch.int32)
+        ids[torch.rand(t, k, generator=g) < 0.4] = -1
+        if routing == "all_minus_one":
+            ids[3] = -1
+    weights = _moe_weights(g, fmt, e, i, d)
+    out, ref = _moe_both(x, wts, ids, weights)
+    _check_close(out, ref.double(), torch.bfloat16)
+    if routing == "all_minus_one":
+        assert torch.all(out[3] == 0)
+    # each token's output is the fp32 sum of its experts' rows: dropping one slot changes it
+    ids2 = ids.clone()
+    ids2[0, 0] = -1 if ids2[0, 0] >= 0 else 0
+    out2, _ = _moe_both(x, wts, ids2, weights)
+    assert not torch.equal(out2[0], out[0]) and torch.equal(out2[1:], out[1:])
+
+
+@needs_ext
+@pytest.mark.parametrize("after", [False, True])
+def test_moe_experts_weight_position_and_clamp(after):
+    g = torch.Generator().manual_seed(11)
+    t, e, k, d, i = 13, 4, 2, 128, 256
+    x = (torch.randn(t, d, generator=g) * 4).bfloat16()  # large enough that the clamp engages
+    wts = torch.rand(t, k, generator=g) * 3
+    ids = torch.randint(0, e, (t, k), generator=g, dtype=torch.int32)
+    weights = _moe_weights(g, "fp8", e, i, d)
+    out, ref = _moe_both(x, wts, ids, weights, swiglu_limit=1.5, weight_after_w2=after, out_dtype=torch.float32)
+    _check_close(out, ref.double(), torch.bfloat16)
+    other, _ = _moe_both(x, wts, ids, weights, swiglu_limit=1.5, weight_after_w2=not after, out_dtype=torch.float32)
+    unclamped, _ = _moe_both(x, wts, ids, weights, swiglu_limit=0.0, weight_after_w2=after, out_dtype=torch.float32)
+    assert not torch.equal(other, out) and not torch.equal(unclamped, out)
+
+
+# ------------------------------------------------------------------------------ compress_kv
+def _comp_inputs(g, ratio, hd, d=192, dtype=torch.bfloat16):
+    coff = 2 if ratio == 4 else 1
+    wkv = (torch.randn(coff * hd, d, generator=g) * d**-0.5).to(dtype)
+    wgate = (torch.randn(coff * hd, d, generator=g) * d**-0.5).to(dtype)
+    ape = torch.randn(ratio, coff * hd, generator=g) * 0.3
+    nw = (1 + 0.1 * torch.randn(hd, generator=g)).to(dtype)
+    freqs = 10000.0 ** (-torch.arange(32, dtype=torch.float32) / 32)
+    return wkv, wgate, ape, nw, freqs
+
+
+def _feed(x, params, ratio, quant, plan, backend="cpu", state=None):
+    """Feed x [B, S, D] in chunks of the sizes in plan; returns (entries per sequence, state)."""
+    st = state or v4k.CompressorState.empty(x.shape[0], ratio, params[3].shape[0])
+    got = [[] for _ in range(x.shape[0])]
+    t = 0
+    with v4k.use_backend(backend):
+        for n in plan:
+            e, num = v4k.compress_kv(x[:, t : t + n], *params, st, ratio=ratio, quant=quant)
+            for b in range(x.shape[0]):
+                got[b].append(e[b, : int(num[b])])
+            t += n
+    return [torch.cat(r) for r in got], st
+
+
+@needs_ext
+@pytest.mark.parametrize("ratio,quant,hd", [(4, "fp8", 512), (4, "fp4", 128), (16, "fp8", 512), (8, "none", 128)])
+def test_compress_kv_chunking_invariance_and_reference(ratio, quant, hd):
+    g = torch.Generator().manual_seed(ratio + hd)
+    params = _comp_inputs(g, ratio, hd)
+    s = 5 * ratio + 3
+    x = torch.randn(2, s, 192, generator=g).bfloat16()
+    one, st1 = _feed(x, params, ratio, quant, [s])
+    chunked, st2 = _feed(x, params, ratio, quant, [1, ratio - 1, 2, 1, 2 * ratio + 1, s - 3 * ratio - 4])
+    for a, b in zip(one, chunked):
+        assert torch.equal(a, b)  # bit-identical, whatever the chunking
+    for a, b in zip(st1.tensors(), st2.tensors()):
+        assert torch.equal(a, b)
+    ref, st_r = _feed(x, params, ratio, quant, [s], backend="reference")
+    assert one[0].shape == (s // ratio, hd)
+    _check_close(torch.stack(one), torch.stack(ref).double(), torch.bfloat16)
+    for a, b in zip(st1.tensors(), st_r.tensors()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # canonical state: slots past the open window's tokens are 0 / -inf
+    k = s % ratio
+    assert torch.all(st1.pending_kv[:, k:] == 0) and torch.all(st1.pending_score[:, k:] == float("-inf"))
+
+
+@needs_ext
+def test_compress_kv_state_reset_and_mixed_positions():
+    g = torch.Generator().manual_seed(5)
+    ratio, hd = 4, 512
+    params = _comp_inputs(g, ratio, hd)
+    x = torch.randn(2, 23, 192, generator=g).bfloat16()
+    _, st = _feed(x, params, ratio, "fp8", [11])  # both sequences at position 11 with open windows
+    # reset sequence 1 to a fresh state; sequence 0 continues: the batch holds positions 11 and 0
+    fresh = v4k.CompressorState.empty(1, ratio, hd)
+    for dst, src in zip(st.tensors(), fresh.tensors()):
+        dst[1] = src[0]
+    assert st.positions == [11, 0]
+    cont, st_c = _feed(x[:, 11:], params, ratio, "fp8", [5, 7], state=st)
+    whole, _ = _feed(x[:1], params, ratio, "fp8", [23])
+    assert torch.equal(cont[0], whole[0][2:])  # windows 2.. of sequence 0 (0, 1 were emitted earlier)
+    restart, _ = _feed(x[1:, 11:], params, ratio, "fp8", [12])
+    assert torch.equal(cont[1], restart[0])
+    assert st_c.positions == [23, 12]
+    # a stale previous-window state is ignored for window 0 (no predecessor, SPEC §6.3)
+    dirty = v4k.CompressorState.empty(1, ratio, hd)
+    dirty.prev_kv.normal_(generator=g)
+    dirty.prev_score.normal_(generator=g)
+    stale, _ = _feed(x[1:, 11:], params, ratio, "fp8", [12], state=dirty)
+    assert torch.equal(stale[0], restart[0])
+
+
+# ------------------------------------------------------------------------------ hc_head
+@needs_ext
+def test_hc_head_against_formula():
+    g = torch.Generator().manual_seed(3)
+    t, hc, d = 6, 4, 136
+    x = torch.randn(t, hc, d, generator=g).bfloat16()
+    fn = torch.randn(hc, hc * d, generator=g) * 0.05
+    scale = torch.tensor([0.8])
+    base = torch.randn(hc, generator=g) * 0.1
+    out = torch.ops.v4k_cpu.hc_head(x, fn, scale, base, 1e-6, 1e-6)
+    xf = x.double().flatten(-2)
+    mixes = (xf @ fn.double().T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
+    pre = torch.sigmoid(mixes * 0.8 + base.double()) + 1e-6  # SPEC §10.5: sigmoid gates, no Sinkhorn
+    _check_close(out, (pre[..., None] * x.double()).sum(-2), torch.bfloat16)

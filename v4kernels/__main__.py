@@ -95,18 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     pp.add_argument("-v", "--verbose", action="store_true")
     pp.set_defaults(fn=_cmd_parity)
 
-    try:
-        from v4kernels.demo import add_demo_parser
+    from v4kernels.bench.cli import add_bench_parsers
+    from v4kernels.demo import add_demo_parser
 
-        add_demo_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from v4kernels.bench.cli import add_bench_parsers
-
-        add_bench_parsers(sub)
-    except ImportError:
-        pass
+    add_demo_parser(sub)
+    add_bench_parsers(sub)
 
     args = p.parse_args(argv)
     return int(args.fn(args) or 0)
