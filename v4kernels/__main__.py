@@ -7,8 +7,38 @@ import sys
 from typing import Sequence
 
 
+#: how each backend's kernels are verified in this project's CI (no accelerator there)
+_VERIFIED = {
+    "reference": "verified here",
+    "cpu": "verified here",
+    "triton": "verified here (CPU interpreter); GPU unverified",
+    "cuda": "unverified",
+    "ascend": "unverified",
+    "cambricon": "unverified",
+}
+
+
+def support_matrix() -> str:
+    """Markdown table op x backend from the kernels actually registered in this install."""
+    from v4kernels import _registry as R
+
+    for b in R.BACKENDS.values():
+        b.load()
+    names = list(R.BACKENDS)
+    fam = R._OP_FAMILY
+    lines = ["| family | op | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for op in sorted(R.op_names(), key=lambda o: (R.FAMILIES.index(fam[o]), o)):
+        cells = [(_VERIFIED[n] if R._KERNELS.get(n, {}).get(op) else "not yet") for n in names]
+        lines.append(f"| {fam[op]} | `{op}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
+
+    if args.matrix:
+        print(support_matrix())
+        return 0
 
     import v4kernels
     from v4kernels import _platform, _registry
@@ -84,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pi = sub.add_parser("info", help="versions, devices, and which backend can run each op (with reasons)")
     pi.add_argument("--device", default="cpu")
     pi.add_argument("-v", "--verbose", action="store_true")
+    pi.add_argument("--matrix", action="store_true", help="print the op x backend support matrix (markdown) and exit")
     pi.set_defaults(fn=_cmd_info)
 
     pp = sub.add_parser("parity", help="run the shared parity suite on every usable backend")

@@ -9,6 +9,7 @@ import os
 from ._platform import Probe
 
 
+@functools.cache
 def build_info() -> dict[str, str]:
     """What ``setup.py`` recorded about optional native builds (empty for a source checkout)."""
     path = os.path.join(os.path.dirname(__file__), "_build_info.json")

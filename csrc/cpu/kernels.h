@@ -67,8 +67,8 @@ struct GemmJob {
 void gemm_panels(const GemmJob* jobs, int njobs);
 
 // moe_experts (SPEC §11.3-11.4): x [T,D] (float code), weights fp32 [T,k], ids int32 [T,k]
-// (−1 = skip), w1/w3 [E,I,D], w2 [E,D,I]; out fp32 [T,D]. quant_act: FP8 act_quant (block 128,
-// pow2) of every GEMM input (quantised weights).
+// (−1 = skip), w1/w3 [E,I,D], w2 [E,D,I]; out fp32 [T,D]. The input of every quantised (FP8/FP4)
+// weight goes through the FP8 act_quant roundtrip (block 128, pow2 scales) first.
 void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t* topk_ids, int64_t T, int64_t D,
                  int64_t k, const WeightView& w1, const WeightView& w3, const WeightView& w2, int64_t E, int64_t I,
                  float swiglu_limit, bool weight_after_w2, float* out);
