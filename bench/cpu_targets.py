@@ -209,10 +209,13 @@ def csa_layer_64k(g: torch.Generator, gemm: float) -> None:
     with v4k.use_backend("cpu"):
         comp = v4k.indexer_topk(qi, w, keys, pos, TOPK, ratio=4, offset=s, key_scales=ks)
         del qi, w
-        win = v4k.window_indices([0], s, WINDOW, mode="prefill") if hasattr(v4k, "window_indices") else None
-        idx = torch.cat((win, comp), -1) if win is not None else comp
-        q = torch.randn(1, s, H_FLASH, D, generator=g).bfloat16()
-        kv = v4k.pack_kv_fp8(torch.randn(1, s + n_c, D, generator=g).bfloat16())
+    # the window part of the index list is plain index arithmetic (no cpu kernel; reference)
+    win = v4k.window_indices([0], s, WINDOW, mode="prefill")
+    idx = torch.cat((win, comp), -1)
+    del win, comp
+    q = torch.randn(1, s, H_FLASH, D, generator=g).bfloat16()
+    kv = v4k.pack_kv_fp8(torch.randn(1, s + n_c, D, generator=g).bfloat16())
+    with v4k.use_backend("cpu"):
         out = v4k.sparse_attn(q, kv, torch.zeros(H_FLASH), idx)
     dt = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
