@@ -121,8 +121,62 @@ def workloads(dev: torch.device, tiny: bool) -> dict[str, Callable[[], tuple[Cal
         (w1, s1), (w3, s3), (w2, s2) = ws
         return (lambda: v4k.moe_experts(x, wts, ids, w1, w3, w2, w1_scale=s1, w3_scale=s3, w2_scale=s2)), 2.0 * t * k * 3 * d * i, 3 * e * i * d / 2 + 4 * t * d, "close"
 
+    def _compress(ratio, hd, quant):
+        from v4kernels.testing.cases.compressor import make_compressor_inputs
+
+        b, s, d = 1, f(4096, 130 if ratio == 128 else 37), f(4096, 64)
+        inp = make_compressor_inputs(torch.Generator().manual_seed(20), dev, batch=b, tokens=s, dim=d, head_dim=hd, ratio=ratio)
+        x = inp.pop("x")
+
+        def call():  # prefill from a fresh state; returns entries, counts and the new state
+            st = v4k.CompressorState.empty(b, ratio, hd, device=dev)
+            e, n = v4k.compress_kv(x, **inp, state=st, ratio=ratio, quant=quant)
+            return (e, n, *st.tensors())
+
+        w = inp["wkv"].shape[0]
+        return (call, 2.0 * b * s * d * 2 * w, x.numel() * 2 + 2 * w * d * 2 + b * (s // ratio) * hd * 2 + 16 * b * ratio * w,
+                f"compress:{quant}")
+
+    def compress_kv_csa():
+        return _compress(4, 512, "fp8")
+
+    def compress_kv_hca():
+        return _compress(128, 512, "fp8")
+
+    def compress_kv_indexer():
+        return _compress(4, 128, "fp4")
+
+    def _indices(op, device_fn, public_fn, numel):
+        # the public op computes on the host (Python-int start positions); on an accelerator the
+        # Triton kernel builds the same lists from a device tensor of start positions
+        def call():
+            if dev.type != "cpu" and R.forced_backend(op) == "triton":
+                return device_fn()
+            return public_fn().to(dev)
+
+        return call, 0.0, 4.0 * numel, "equal"
+
+    def window_indices():
+        from v4kernels.ops.indices.triton import window_indices_on
+
+        sp, s, w = [4096 * j + 7 for j in range(f(16, 2))], f(1024, 9), 128
+        spt = torch.tensor(sp, dtype=torch.int64, device=dev)
+        return _indices("window_indices", lambda: window_indices_on(spt, s, w, "chunk", w),
+                        lambda: v4k.window_indices(sp, s, w, "chunk"), len(sp) * s * w)
+
+    def compressed_indices():
+        from v4kernels.ops.indices.triton import compressed_indices_on
+
+        sp, s, r = [4096 * j + 7 for j in range(f(16, 2))], f(1024, 9), 128
+        width = max(p + s for p in sp) // r
+        spt = torch.tensor(sp, dtype=torch.int64, device=dev)
+        return _indices("compressed_indices", lambda: compressed_indices_on(spt, s, r, 128 + s, width),
+                        lambda: v4k.compressed_indices(sp, s, r, 128 + s, "chunk"), len(sp) * s * width)
+
     return {fn.__name__: fn for fn in (act_quant, fp8_gemm, fp4_gemm, rope_rms, sparse_attn_decode, sparse_attn_decode_fp8kv,
-                                        sparse_attn_prefill, indexer_topk, hc_pre, hc_post, moe_gate, moe_experts_fp4)}
+                                        sparse_attn_prefill, indexer_topk, hc_pre, hc_post, moe_gate, moe_experts_fp4,
+                                        compress_kv_csa, compress_kv_hca, compress_kv_indexer, window_indices,
+                                        compressed_indices)}
 
 
 def _sync(dev: torch.device) -> None:
@@ -149,6 +203,14 @@ def _parity(kind: str, a: Any, e: Any) -> tuple[bool, str]:
     if kind == "topk":
         r = compare_topk(a, e)
         return r.ok, r.message or f"recall={r.cosine:.4f}"
+    if kind.startswith("compress:"):
+        from v4kernels.testing.cases.compressor import compare_plan_outputs
+
+        r = compare_plan_outputs(a, e, kind.split(":")[1], 64, tol)
+        return r.ok, r.message[:200] if r.message else f"entries max_abs={r.max_abs:.3g} cos={r.cosine:.6f}"
+    if kind == "equal":
+        ok = a.dtype == e.dtype and torch.equal(a.cpu(), e.cpu())
+        return ok, f"exact, {a.numel()} entries" if ok else "lists differ"
     if kind == "gate":
         ok = torch.equal(a[1].cpu(), e[1].cpu())
         r = compare_outputs(a[0], e[0], tol)

@@ -312,6 +312,159 @@ def test_moe_gate_bias_and_hash():
     assert_close(aw, ew, TOL)
 
 
+# ----------------------------------------------------------------------------- compressor / indices
+
+
+def _comp_setup(b, ratio, hd, quant, seed, dtype=torch.bfloat16, prefix=(3, 6, 0)):
+    """Inputs plus a state in which the sequences sit at different positions (``prefix`` tokens
+    already consumed per row, fed by the reference)."""
+    from v4kernels.testing.cases.compressor import make_compressor_inputs
+
+    g = gen(seed)
+    inp = make_compressor_inputs(g, "cpu", batch=b, tokens=max(prefix) + 11, dim=64, head_dim=hd, ratio=ratio, dtype=dtype)
+    x = inp.pop("x")
+    st = v4k.CompressorState.empty(b, ratio, hd)
+    with v4k.use_backend("reference"):
+        for row, n in enumerate(prefix):
+            if n:
+                tmp = v4k.CompressorState.empty(b, ratio, hd)
+                v4k.compress_kv(x[:, :n], **inp, state=tmp, ratio=ratio, quant=quant)
+                for dst, src in zip(st.tensors(), tmp.tensors()):
+                    dst[row] = src[row]
+    return x[:, max(prefix):], inp, st
+
+
+def _comp_run(backend, x, inp, st, ratio, quant):
+    st = st.clone()
+    with v4k.use_backend(backend):
+        e, n = v4k.compress_kv(x, **inp, state=st, ratio=ratio, quant=quant)
+    return (e, n, *st.tensors())
+
+
+@pytest.mark.parametrize("ratio,hd,quant,dtype", [(4, 128, "fp8", torch.bfloat16), (4, 128, "fp4", torch.bfloat16),
+                                                  (8, 64, "none", torch.float32), (16, 128, "fp8", torch.float16)])
+def test_compress_kv_mixed_positions(ratio, hd, quant, dtype):
+    from v4kernels.testing.cases.compressor import compare_plan_outputs
+
+    x, inp, st = _comp_setup(3, ratio, hd, quant, 30, dtype, prefix=(3, ratio + 2, 0))
+    if ratio == 4:
+        # row 2 is at position 0 with a non-canonical prev: window 0 must ignore prev_* (SPEC §6.3)
+        st.prev_kv[2] = 5.0
+        st.prev_score[2] = 3.0
+    a = _comp_run("triton", x, inp, st, ratio, quant)
+    e = _comp_run("reference", x, inp, st, ratio, quant)
+    assert [int(v) for v in a[1]] == [(p + x.shape[1]) // ratio - p // ratio for p in (3, ratio + 2, 0)]
+    res = compare_plan_outputs(a, e, quant, 64, TOL)
+    assert res.ok, res.message
+    for row, nb in enumerate(a[1].tolist()):
+        assert bool((a[0][row, nb:] == 0).all())  # rows past num_new are zero
+
+
+def test_compress_kv_sensitivity():
+    """The comparison catches swapped Ca/Cb halves, windows shifted by one token, and a kernel
+    that pools window 0 with the state's prev_* rows."""
+    from v4kernels.testing.cases.compressor import compare_entries, compare_plan_outputs
+
+    hd = 128
+    x, inp, st = _comp_setup(2, 4, hd, "fp8", 31, prefix=(0, 0))
+    a = _comp_run("triton", x, inp, st, 4, "fp8")
+    e = _comp_run("reference", x, inp, st, 4, "fp8")
+    assert compare_plan_outputs(a, e, "fp8", 64, TOL).ok
+    # Ca/Cb swapped: the first hd output rows of wkv / wgate / ape play the other role
+    sw = {k: (torch.cat((v[hd:], v[:hd])) if k in ("wkv", "wgate") else v) for k, v in inp.items()}
+    sw["ape"] = torch.cat((inp["ape"][:, hd:], inp["ape"][:, :hd]), 1)
+    swapped = _comp_run("reference", x, sw, st, 4, "fp8")
+    assert not compare_entries(a[0], swapped[0], "fp8", 64).ok
+    # window boundaries one token off
+    shifted = _comp_run("reference", torch.roll(x, 1, dims=1), inp, st, 4, "fp8")
+    assert not compare_entries(a[0], shifted[0], "fp8", 64).ok
+    # window 0 pooled with the state's prev_* rows (a kernel that forgot "window 0 has no
+    # predecessor"), built from the reference's own building blocks
+    from v4kernels.ops.compressor.reference import finish_entry, pool_window, project_tokens
+
+    st2 = st.clone()
+    st2.prev_kv.fill_(5.0)
+    st2.prev_score.fill_(3.0)
+    b = _comp_run("triton", x, inp, st2, 4, "fp8")
+    assert compare_plan_outputs(b, e, "fp8", 64, TOL).ok  # prev_* ignored at position 0
+    w_t = torch.cat((inp["wkv"].float(), inp["wgate"].float())).t()
+    proj = project_tokens(x[0, :4], 0, w_t)
+    kv, sc = proj[:, : 2 * hd], proj[:, 2 * hd :] + inp["ape"]
+    c = pool_window(torch.cat((st2.prev_kv[0], kv[:, hd:])), torch.cat((st2.prev_score[0], sc[:, hd:])))
+    wrong = finish_entry(c, 0, inp["norm_weight"], inp["freqs"], "fp8", 1e-6, x.dtype)
+    assert not compare_entries(b[0][0, 0], wrong, "fp8", 64).ok
+
+
+def test_compress_kv_refusal_reason():
+    x, inp, st = _comp_setup(1, 8, 512, "none", 33, prefix=(0,))
+    args = (x, *inp.values(), *st.tensors(), 8, "fp4", 1e-6)
+    reasons = R.get_backend("triton").call_reasons("compress_kv", args, "cpu", True)
+    assert len(reasons) == 1 and "head_dim <= 256" in reasons[0]
+    assert R.get_backend("triton").call_reasons("compress_kv", args[:-2] + ("fp8", 1e-6), "cpu", True) == []
+
+
+def test_indices_edges_and_sensitivity():
+    for sp, s, w, mode in (([0, 3, 11], 9, 4, "chunk"), ([0], 5, 8, "prefill"), ([2**31 - 10, 7], 1, 128, "decode")):
+        a, e = both(lambda: v4k.window_indices(sp, s, w, mode))
+        assert torch.equal(a, e), (sp, s, w, mode)
+    for sp, s, r, off in (([0, 3, 11], 9, 4, 13), ([126, 127, 128, 255], 2, 128, 128), ([5], 40, 1, 0)):
+        a, e = both(lambda: v4k.compressed_indices(sp, s, r, off, "chunk"))
+        assert torch.equal(a, e), (sp, s, r, off)
+    # an off-by-one causal limit (entry visible one token early) would not pass the exact compare
+    with v4k.use_backend("reference"):
+        early = v4k.compressed_indices([0, 3, 11], 9, 4, 13, "chunk")[:, 1:]
+        late = v4k.window_indices([1, 4, 12], 8, 4, "chunk")
+    with v4k.use_backend("triton"):
+        got = v4k.compressed_indices([0, 3, 11], 9, 4, 13, "chunk")[:, :-1]
+        gotw = v4k.window_indices([0, 3, 11], 9, 4, "chunk")[:, 1:]
+    assert not torch.equal(got, early) and not torch.equal(gotw, late)
+
+
+_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from v4kernels.ops.compressor import triton as T
+from v4kernels.ops.indices import triton as I
+
+F, B, L, N = "*fp32", "*bf16", "*i64", "*i32"
+C = "constexpr"
+
+
+def comp(fn, sig, const, cap):
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32))
+    assert ".entry" in k.asm["ptx"], fn
+
+
+for cap in (80, 90):  # the projection's tl.dot lowers differently per generation
+    comp(T._proj_kernel, dict(x_ptr=B, w_ptr=B, ape_ptr=F, n_ptr=L, o_ptr=F, M="i32", S="i32", D="i32", W="i32", ratio="i32",
+                              BLOCK_M=C, BLOCK_N=C, BLOCK_K=C, IS_GATE=C, DOT_BF16=C),
+         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, IS_GATE=True, DOT_BF16=True), cap)
+for quant, hd, ov in ((1, 512, True), (1, 512, False), (2, 128, True)):
+        sig = dict(pk_ptr=F, ps_ptr=F, nk_ptr=F, ns_ptr=F, vk_ptr=F, vs_ptr=F, n_ptr=L, nw_ptr=B, f_ptr=F, out_ptr="*i16",
+                   S="i32", ratio="i32", hd="i32", W="i32", NW="i32", nope_half="i32", eps="fp32", had_scale="fp32",
+                   inv_fp8="fp32", inv_fp4="fp32", OVERLAP=C, HALF=C, BW=C, BLOCK_S=C, QUANT=C, OUT_KIND=C)
+        comp(T._pool_kernel, sig, dict(OVERLAP=ov, HALF=hd // 2, BW=1, BLOCK_S=8, QUANT=quant, OUT_KIND=1), 80)
+comp(T._state_kernel, dict(pk_ptr=F, ps_ptr=F, nk_ptr=F, ns_ptr=F, vk_ptr=F, vs_ptr=F, n_ptr=L, opk_ptr=F, ops_ptr=F, ovk_ptr=F,
+                           ovs_ptr=F, num_ptr=N, S="i32", ratio="i32", W="i32", hd="i32", OVERLAP=C, BLOCK_T=C, BLOCK_W=C),
+     dict(OVERLAP=True, BLOCK_T=4, BLOCK_W=256), 80)
+comp(I._window_kernel, dict(sp_ptr=L, o_ptr=N, S="i32", window="i32", width="i32", MODE=C, BLOCK_S=C, BLOCK_U=C),
+     dict(MODE=2, BLOCK_S=16, BLOCK_U=128), 80)
+comp(I._compressed_kernel, dict(sp_ptr=L, o_ptr=N, S="i32", ratio="i32", offset="i32", width="i32", BLOCK_S=C, BLOCK_U=C),
+     dict(BLOCK_S=16, BLOCK_U=128), 80)
+print("compiled")
+"""
+
+
+def test_compressor_and_indices_kernels_compile_for_gpus(tmp_path):
+    """The compiled (non-interpreter) path: PTX for sm_80 and sm_90 without a GPU, so
+    constructs the interpreter accepts but the compiler rejects are caught here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- portability rules
 
 
@@ -326,13 +479,17 @@ def test_triton_registered_and_cpu_only_when_forced():
     assert R.available_backends("sparse_attn", "cpu")["triton"] == []
     assert "triton" not in [b.name for b in R.candidates("sparse_attn", "cpu")]
     assert "triton" in [b.name for b in R.candidates("sparse_attn", "cuda")]
-    for op in ("act_quant", "fp4_gemm", "apply_rope", "sparse_attn", "indexer_topk", "hc_pre", "moe_experts"):
+    for op in ("act_quant", "fp4_gemm", "apply_rope", "sparse_attn", "indexer_topk", "hc_pre", "moe_experts",
+               "compress_kv", "window_indices", "compressed_indices"):
         assert R.get_backend("triton").kernel(op) is not None, op
 
 
 def test_gpu_check_tiny_runs_here():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--only", "act_quant,sparse_attn_decode_fp8kv,hc_pre"],
+    # one BLAS thread: the interpreter's tl.dot is numpy matmul, and threaded BLAS on a busy
+    # 2-core machine is ~100x slower for these small products
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--only",
+                        "act_quant,sparse_attn_decode_fp8kv,hc_pre,compress_kv_csa,compress_kv_hca,window_indices"],
                        capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "FAIL" not in r.stdout and "PASS" in r.stdout

@@ -48,7 +48,8 @@ _BLOCKS: dict[str, dict[str, dict[str, int]]] = {
         "attn": {"BLOCK_H": 64, "BLOCK_K": 64, "SPLIT_MIN": 64},
         "indexer": {"BLOCK_N": 128, "BLOCK_H": 64},
         "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
-        "compressor": {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 512, "BLOCK_S": 128, "BLOCK_T": 128, "BLOCK_W": 1024},
+        "compressor": {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 512, "BLOCK_S": 128, "BLOCK_T": 128, "BLOCK_W": 1024,
+                       "BLOCK_WIN": 64, "POOL_TILE": 65536},
         "indices": {"BLOCK_S": 64, "BLOCK_U": 128},
     },
     # Ampere/Hopper/Blackwell class GPUs (also the default for unknown CUDA devices).
@@ -58,7 +59,8 @@ _BLOCKS: dict[str, dict[str, dict[str, int]]] = {
         "attn": {"BLOCK_H": 16, "BLOCK_K": 32, "SPLIT_MIN": 256},
         "indexer": {"BLOCK_N": 64, "BLOCK_H": 64},
         "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
-        "compressor": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_S": 8, "BLOCK_T": 4, "BLOCK_W": 256},
+        "compressor": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_S": 8, "BLOCK_T": 4, "BLOCK_W": 256,
+                       "BLOCK_WIN": 1, "POOL_TILE": 4096},
         "indices": {"BLOCK_S": 16, "BLOCK_U": 128},
     },
     # Ascend (Triton-Ascend): fewer, larger programs work best on its AI cores.
@@ -68,7 +70,8 @@ _BLOCKS: dict[str, dict[str, dict[str, int]]] = {
         "attn": {"BLOCK_H": 16, "BLOCK_K": 64, "SPLIT_MIN": 512},
         "indexer": {"BLOCK_N": 128, "BLOCK_H": 64},
         "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
-        "compressor": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_S": 16, "BLOCK_T": 8, "BLOCK_W": 512},
+        "compressor": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_S": 16, "BLOCK_T": 8, "BLOCK_W": 512,
+                       "BLOCK_WIN": 1, "POOL_TILE": 8192},
         "indices": {"BLOCK_S": 32, "BLOCK_U": 128},
     },
 }

@@ -126,7 +126,7 @@ def _fmt(v: float, spec: str) -> str:
 
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A fixed-width console table of the rows."""
-    head = f"{'workload':58s} {'backend':10s} {'p50 us':>11s} {'p20..p80 us':>21s} {'GFLOP/s':>9s} {'GB/s':>8s} {'roof%':>6s} {'mem MB':>7s} {'ref':>5s}"
+    head = f"{'workload':58s} {'backend':10s} {'p50 us':>11s} {'p20..p80 us':>21s} {'GFLOP/s':>9s} {'GB/s':>8s} {'roof%':>6s} {'x ref':>6s} {'mem MB':>7s} {'ref':>5s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.status != "ok":
@@ -136,6 +136,6 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         lines.append(
             f"{r.workload:58s} {r.backend:10s} {_fmt(r.p50_us, '11.1f')} {spread:>21s} {_fmt(r.gflops, '9.2f')} "
             f"{_fmt(r.gbs, '8.2f')} {_fmt(r.frac_roofline * 100 if not math.isnan(r.frac_roofline) else math.nan, '6.1f')} "
-            f"{_fmt(r.peak_mem_mb, '7.1f')} {r.refcheck or '':>5s}"
+            f"{_fmt(r.vs_reference, '6.2f')} {_fmt(r.peak_mem_mb, '7.1f')} {r.refcheck or '':>5s}"
         )
     return "\n".join(lines)

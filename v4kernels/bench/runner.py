@@ -69,6 +69,8 @@ class BenchRow:
     frac_compute: float = math.nan
     frac_bandwidth: float = math.nan
     frac_roofline: float = math.nan
+    #: p50 of the reference backend on the same workload in the same run / this row's p50
+    vs_reference: float = math.nan
     peak_mem_mb: float = math.nan
     peak_mem_method: str = ""
     refcheck: str = ""
@@ -256,6 +258,7 @@ def run_bench(workloads: Sequence[Workload], backends: Iterable[str] | None, cfg
             del inputs, ref_out
     finally:
         bar.close()
+    _fill_vs_reference(rows)
     return rows
 
 
@@ -279,3 +282,12 @@ def _progress(total: int, enabled: bool) -> Any:
     except ImportError:
         return _NoBar()
     return tqdm(total=total, unit="run", delay=2.0, file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
+
+
+def _fill_vs_reference(rows: Sequence[BenchRow]) -> None:
+    """Speed-up of each row over the reference backend's row of the same workload (same run)."""
+    ref = {(r.workload, r.device): r.p50_us for r in rows if r.backend == "reference" and r.status == "ok"}
+    for r in rows:
+        base = ref.get((r.workload, r.device))
+        if r.status == "ok" and base and r.p50_us > 0:
+            r.vs_reference = base / r.p50_us

@@ -43,8 +43,8 @@ from ...triton_utils import (
 from ..quant.triton import HADAMARD_MAX, hadamard_tile
 
 _QUANT_CODE = {"none": 0, "fp8": 1, "fp4": 2}
-FP8_AMAX_MIN = 1e-4
-FP4_AMAX_MIN = 6.0 * 2.0**-126
+FP8_AMAX_MIN = tl.constexpr(1e-4)
+FP4_AMAX_MIN = tl.constexpr(6.0 * 2.0**-126)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,11 +70,12 @@ def _proj_kernel(
         kk = k0 + rk
         km = kk < D
         a = tl.load(x_ptr + rm[:, None].to(tl.int64) * D + kk[None, :], mask=mm[:, None] & km[None, :], other=0.0).to(tl.float32)
-        b = tl.load(w_ptr + rn[:, None].to(tl.int64) * D + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        # the weight tile is loaded as [BLOCK_K, BLOCK_N] (Wᵀ) directly: no transpose op
+        bt = tl.load(w_ptr + rn[None, :].to(tl.int64) * D + kk[:, None], mask=km[:, None] & nm[None, :], other=0.0).to(tl.float32)
         if DOT_BF16:  # bf16 inputs are exact in bf16: full-rate MMA, fp32 accumulation
-            acc += tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)), out_dtype=tl.float32)
+            acc += tl.dot(a.to(tl.bfloat16), bt.to(tl.bfloat16), out_dtype=tl.float32)
         else:
-            acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+            acc += tl.dot(a, bt, input_precision="ieee")
     if IS_GATE:
         # gate logits carry the in-window position bias ape[p % ratio] (SPEC §6.2)
         n0 = tl.load(n_ptr + rm // S, mask=mm, other=0)
@@ -103,34 +104,49 @@ def _timeline_rows(pend_ptr, new_ptr, b, ti, valid, col, cmask, k, S, ratio, W, 
 
 
 @triton.jit
-def _slot_tile(
-    pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, b, w, j, t, tv, col, cmask, k, S, ratio, W, hd,
-    PREV: tl.constexpr,
-):
-    """(kv, logit) tiles ``[BLOCK_S, HALF]`` of slots ``t`` of one pooling segment of window
-    ``w``: the Cb (or HCA) rows of the window itself, or (``PREV``) the Ca rows of window w−1."""
+def _slot_addr(b, w, j, t, tv, col, cmask, k, S, ratio, W, hd, PREV: tl.constexpr):
+    """Where the slots ``t [BLOCK_S]`` of one pooling segment of windows ``w [BW]`` (absolute
+    index ``j``) live, at columns ``col [HALF, 2]``: the Cb (or HCA) rows of each window itself,
+    or (``PREV``) the Ca rows of window w−1, which sit in the timeline or, for the first window
+    of the call, in ``prev_*`` (none for window 0). ``tv [BW, BLOCK_S]`` marks real slots.
+
+    Returns masks and offsets ``(in_pending, in_new, off_pending, off_new, in_prev, off_prev)``,
+    all ``[BW, BLOCK_S, HALF, 2]``."""
+    c4 = col[None, None, :, :]
+    m4 = cmask[None, None, :, :]
     if PREV:
-        in_tl = tv & (w > 0)
-        in_st = tv & (w == 0) & (j > 0)  # window 0 has no predecessor, whatever prev_* holds
-        ti = (w - 1) * ratio + t
-        kv = _timeline_rows(pk_ptr, nk_ptr, b, ti, in_tl, col, cmask, k, S, ratio, W, 0.0)
-        sc = _timeline_rows(ps_ptr, ns_ptr, b, ti, in_tl, col, cmask, k, S, ratio, W, float("-inf"))
-        rv = (b * ratio + t).to(tl.int64)
-        sm = in_st[:, None] & cmask[None, :]
-        kv = tl.where(sm, tl.load(vk_ptr + rv[:, None] * hd + col[None, :], mask=sm, other=0.0), kv)
-        sc = tl.where(sm, tl.load(vs_ptr + rv[:, None] * hd + col[None, :], mask=sm, other=float("-inf")), sc)
+        in_tl = tv & (w > 0)[:, None]
+        ti = (w[:, None] - 1) * ratio + t[None, :]
     else:
-        ti = w * ratio + t
-        kv = _timeline_rows(pk_ptr, nk_ptr, b, ti, tv, col, cmask, k, S, ratio, W, 0.0)
-        sc = _timeline_rows(ps_ptr, ns_ptr, b, ti, tv, col, cmask, k, S, ratio, W, float("-inf"))
-    return kv, sc
+        in_tl = tv
+        ti = w[:, None] * ratio + t[None, :]
+    fp = (in_tl & (ti < k))[:, :, None, None] & m4
+    fn = (in_tl & (ti >= k))[:, :, None, None] & m4
+    rp = (b * ratio + ti).to(tl.int64)[:, :, None, None] * W + c4
+    rn = (b * S + ti - k).to(tl.int64)[:, :, None, None] * W + c4
+    if PREV:
+        in_st = (tv & ((w == 0) & (j > 0))[:, None])[:, :, None, None] & m4  # window 0: no predecessor
+        rv = (b * ratio + t).to(tl.int64)[None, :, None, None] * hd + c4
+    else:
+        in_st = fp & (rp < 0)  # never
+        rv = rp
+    return fp, fn, rp, rn, in_st, rv
 
 
 @triton.jit
-def _lanes_to_blocks(v, HALF: tl.constexpr, LANES: tl.constexpr):
-    """Per-block maximum of ``v [HALF]`` over blocks of ``LANES`` lanes, broadcast back to ``[HALF]``."""
-    blk = tl.max(tl.reshape(v, (HALF // LANES, LANES)), axis=1)
-    return tl.reshape(tl.broadcast_to(blk[:, None], (HALF // LANES, LANES)), (HALF,))
+def _slot_gather(pend_ptr, new_ptr, prev_ptr, fp, fn, rp, rn, in_st, rv, other, PREV: tl.constexpr):
+    """Values at the addresses of :func:`_slot_addr`; ``other`` for slots that do not exist."""
+    v = tl.where(fp, tl.load(pend_ptr + rp, mask=fp, other=0.0), tl.load(new_ptr + rn, mask=fn, other=other))
+    if PREV:
+        v = tl.where(in_st, tl.load(prev_ptr + rv, mask=in_st, other=0.0), v)
+    return v
+
+
+@triton.jit
+def _lanes_to_blocks(v, BW: tl.constexpr, HALF: tl.constexpr, LANES: tl.constexpr):
+    """Per-block maximum of ``v [BW, HALF]`` over blocks of ``LANES`` lanes, broadcast back."""
+    blk = tl.max(tl.reshape(v, (BW, HALF // LANES, LANES)), axis=2)
+    return tl.reshape(tl.broadcast_to(blk[:, :, None], (BW, HALF // LANES, LANES)), (BW, HALF))
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,10 +158,12 @@ def _lanes_to_blocks(v, HALF: tl.constexpr, LANES: tl.constexpr):
 def _pool_kernel(
     pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, n_ptr, nw_ptr, f_ptr, out_ptr,
     S, ratio, hd, W, NW, nope_half, eps, had_scale, inv_fp8, inv_fp4,
-    OVERLAP: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr, QUANT: tl.constexpr, OUT_KIND: tl.constexpr,
+    OVERLAP: tl.constexpr, HALF: tl.constexpr, BW: tl.constexpr, BLOCK_S: tl.constexpr, QUANT: tl.constexpr,
+    OUT_KIND: tl.constexpr,
 ):
+    # one program: sequence b, output rows (windows of this call) w = wb·BW … wb·BW + BW − 1
     b = tl.program_id(0)
-    w = tl.program_id(1)
+    w = tl.program_id(1) * BW + tl.arange(0, BW)
     n0 = tl.load(n_ptr + b)
     k = (n0 % ratio).to(tl.int32)
     nwin = (k + S) // ratio
@@ -153,79 +171,69 @@ def _pool_kernel(
     j = n0 // ratio + w  # absolute window index (int64)
 
     i = tl.arange(0, HALF)
-    me = 2 * i < hd
-    mo = 2 * i + 1 < hd
+    col = 2 * i[:, None] + tl.arange(0, 2)[None, :]  # [HALF, 2]: lane i holds dims 2i, 2i+1
+    cm = col < hd
     srow = tl.arange(0, BLOCK_S)
     cb = hd if OVERLAP else 0  # CSA: this window contributes its Cb / Zb halves
 
     # pass 1: per-feature maximum logit over all slots
-    mx_e = tl.full((HALF,), float("-inf"), tl.float32)
-    mx_o = tl.full((HALF,), float("-inf"), tl.float32)
+    mx = tl.full((BW, HALF, 2), float("-inf"), tl.float32)
     if OVERLAP:
         for s0 in range(0, ratio, BLOCK_S):
             t = s0 + srow
-            tv = active & (t < ratio)
-            _, se = _slot_tile(pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, b, w, j, t, tv, 2 * i, me, k, S, ratio, W, hd, True)
-            _, so = _slot_tile(pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, b, w, j, t, tv, 2 * i + 1, mo, k, S, ratio, W, hd, True)
-            mx_e = tl.maximum(mx_e, tl.max(se, axis=0))
-            mx_o = tl.maximum(mx_o, tl.max(so, axis=0))
+            tv = active[:, None] & (t < ratio)[None, :]
+            fp, fn, rp, rn, ist, rv = _slot_addr(b, w, j, t, tv, col, cm, k, S, ratio, W, hd, True)
+            sc = _slot_gather(ps_ptr, ns_ptr, vs_ptr, fp, fn, rp, rn, ist, rv, float("-inf"), True)
+            mx = tl.maximum(mx, tl.max(sc, axis=1))
     for s0 in range(0, ratio, BLOCK_S):
         t = s0 + srow
-        tv = active & (t < ratio)
-        _, se = _slot_tile(pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, b, w, j, t, tv, cb + 2 * i, me, k, S, ratio, W, hd, False)
-        _, so = _slot_tile(pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, b, w, j, t, tv, cb + 2 * i + 1, mo, k, S, ratio, W, hd, False)
-        mx_e = tl.maximum(mx_e, tl.max(se, axis=0))
-        mx_o = tl.maximum(mx_o, tl.max(so, axis=0))
+        tv = active[:, None] & (t < ratio)[None, :]
+        fp, fn, rp, rn, ist, rv = _slot_addr(b, w, j, t, tv, cb + col, cm, k, S, ratio, W, hd, False)
+        sc = _slot_gather(ps_ptr, ns_ptr, vs_ptr, fp, fn, rp, rn, ist, rv, float("-inf"), False)
+        mx = tl.maximum(mx, tl.max(sc, axis=1))
     # inactive rows and padding lanes have no finite slot; keep their arithmetic NaN-free
-    mx_e = tl.where(mx_e == float("-inf"), 0.0, mx_e)
-    mx_o = tl.where(mx_o == float("-inf"), 0.0, mx_o)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
 
     # pass 2: softmax numerator and denominator (slots with logit −inf weigh 0)
-    den_e = tl.zeros((HALF,), tl.float32)
-    den_o = tl.zeros((HALF,), tl.float32)
-    acc_e = tl.zeros((HALF,), tl.float32)
-    acc_o = tl.zeros((HALF,), tl.float32)
+    den = tl.zeros((BW, HALF, 2), tl.float32)
+    acc = tl.zeros((BW, HALF, 2), tl.float32)
     if OVERLAP:
         for s0 in range(0, ratio, BLOCK_S):
             t = s0 + srow
-            tv = active & (t < ratio)
-            ke, se = _slot_tile(pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, b, w, j, t, tv, 2 * i, me, k, S, ratio, W, hd, True)
-            ko, so = _slot_tile(pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, b, w, j, t, tv, 2 * i + 1, mo, k, S, ratio, W, hd, True)
-            ee = tl.exp(se - mx_e[None, :])
-            eo = tl.exp(so - mx_o[None, :])
-            den_e += tl.sum(ee, axis=0)
-            den_o += tl.sum(eo, axis=0)
-            acc_e += tl.sum(ee * ke, axis=0)
-            acc_o += tl.sum(eo * ko, axis=0)
+            tv = active[:, None] & (t < ratio)[None, :]
+            fp, fn, rp, rn, ist, rv = _slot_addr(b, w, j, t, tv, col, cm, k, S, ratio, W, hd, True)
+            sc = _slot_gather(ps_ptr, ns_ptr, vs_ptr, fp, fn, rp, rn, ist, rv, float("-inf"), True)
+            kv = _slot_gather(pk_ptr, nk_ptr, vk_ptr, fp, fn, rp, rn, ist, rv, 0.0, True)
+            e = tl.exp(sc - mx[:, None, :, :])
+            den += tl.sum(e, axis=1)
+            acc += tl.sum(e * kv, axis=1)
     for s0 in range(0, ratio, BLOCK_S):
         t = s0 + srow
-        tv = active & (t < ratio)
-        ke, se = _slot_tile(pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, b, w, j, t, tv, cb + 2 * i, me, k, S, ratio, W, hd, False)
-        ko, so = _slot_tile(pk_ptr, ps_ptr, nk_ptr, ns_ptr, vk_ptr, vs_ptr, b, w, j, t, tv, cb + 2 * i + 1, mo, k, S, ratio, W, hd, False)
-        ee = tl.exp(se - mx_e[None, :])
-        eo = tl.exp(so - mx_o[None, :])
-        den_e += tl.sum(ee, axis=0)
-        den_o += tl.sum(eo, axis=0)
-        acc_e += tl.sum(ee * ke, axis=0)
-        acc_o += tl.sum(eo * ko, axis=0)
-    keep_e = me & active
-    keep_o = mo & active
-    ye = tl.where(keep_e, acc_e / tl.where(keep_e, den_e, 1.0), 0.0)
-    yo = tl.where(keep_o, acc_o / tl.where(keep_o, den_o, 1.0), 0.0)
+        tv = active[:, None] & (t < ratio)[None, :]
+        fp, fn, rp, rn, ist, rv = _slot_addr(b, w, j, t, tv, cb + col, cm, k, S, ratio, W, hd, False)
+        sc = _slot_gather(ps_ptr, ns_ptr, vs_ptr, fp, fn, rp, rn, ist, rv, float("-inf"), False)
+        kv = _slot_gather(pk_ptr, nk_ptr, vk_ptr, fp, fn, rp, rn, ist, rv, 0.0, False)
+        e = tl.exp(sc - mx[:, None, :, :])
+        den += tl.sum(e, axis=1)
+        acc += tl.sum(e * kv, axis=1)
+    keep = cm[None, :, :] & active[:, None, None]
+    ye, yo = tl.split(tl.where(keep, acc / tl.where(keep, den, 1.0), 0.0))  # [BW, HALF] each
+    me = (2 * i < hd)[None, :]
+    mo = (2 * i + 1 < hd)[None, :]
 
     # pooled vector -> x.dtype, RMSNorm with fp32 weight product, one rounding (SPEC §5.1, §6.3)
     ye = round_to_out(ye, OUT_KIND)
     yo = round_to_out(yo, OUT_KIND)
-    ms = (tl.sum(ye * ye, axis=0) + tl.sum(yo * yo, axis=0)) / hd
-    inv = tl.div_rn(1.0, tl.sqrt_rn(ms + eps))
-    ye = round_to_out(ye * inv * tl.load(nw_ptr + 2 * i, mask=me, other=0.0).to(tl.float32), OUT_KIND)
-    yo = round_to_out(yo * inv * tl.load(nw_ptr + 2 * i + 1, mask=mo, other=0.0).to(tl.float32), OUT_KIND)
+    ms = (tl.sum(ye * ye, axis=1) + tl.sum(yo * yo, axis=1)) / hd
+    inv = tl.div_rn(1.0, tl.sqrt_rn(ms + eps))[:, None]
+    ye = round_to_out(ye * inv * tl.load(nw_ptr + 2 * i, mask=2 * i < hd, other=0.0).to(tl.float32)[None, :], OUT_KIND)
+    yo = round_to_out(yo * inv * tl.load(nw_ptr + 2 * i + 1, mask=2 * i + 1 < hd, other=0.0).to(tl.float32)[None, :], OUT_KIND)
 
     # RoPE on the trailing r dims (lanes >= nope_half) at position j·ratio (SPEC §3.3-3.4)
     q = i - nope_half
-    rope = (q >= 0) & mo
-    f = tl.load(f_ptr + q, mask=rope, other=0.0)
-    ang = (j * ratio).to(tl.float32) * f
+    rope = ((q >= 0) & (2 * i + 1 < hd))[None, :]
+    f = tl.load(f_ptr + q, mask=(q >= 0) & (2 * i + 1 < hd), other=0.0)
+    ang = (j * ratio).to(tl.float32)[:, None] * f[None, :]
     cs = tl.cos(ang)
     sn = tl.sin(ang)
     re = round_to_out(ye * cs - yo * sn, OUT_KIND)
@@ -235,31 +243,33 @@ def _pool_kernel(
 
     if QUANT == 1:
         # main compressor: FP8 e4m3, pow2 scale per 64 dims (32 lanes), nope dims only (SPEC §4.3)
-        amax = tl.maximum(_lanes_to_blocks(tl.maximum(tl.abs(ye), tl.abs(yo)), HALF, 32), FP8_AMAX_MIN)
+        amax = tl.maximum(_lanes_to_blocks(tl.maximum(tl.abs(ye), tl.abs(yo)), BW, HALF, 32), FP8_AMAX_MIN)
         kx = pow2_scale_bits(amax, inv_fp8)
         s = exp2_int(kx)
         rs = exp2_int(-kx)
         qe = round_to_out(e4m3_decode(e4m3_encode(ye * rs)) * s, OUT_KIND)
         qo = round_to_out(e4m3_decode(e4m3_encode(yo * rs)) * s, OUT_KIND)
-        ye = tl.where(i < nope_half, qe, ye)
-        yo = tl.where(i < nope_half, qo, yo)
+        nope = (i < nope_half)[None, :]
+        ye = tl.where(nope, qe, ye)
+        yo = tl.where(nope, qo, yo)
     elif QUANT == 2:
         # indexer compressor: Hadamard over all hd dims (SPEC §4.5), then FP4 block 32 (SPEC §4.4)
-        h = hadamard_tile(HALF)
-        ssum = ye + yo
-        sdif = ye - yo
-        ye = round_to_out(tl.sum(h * ssum[None, :], axis=1) * had_scale, OUT_KIND)
-        yo = round_to_out(tl.sum(h * sdif[None, :], axis=1) * had_scale, OUT_KIND)
-        amax = tl.maximum(_lanes_to_blocks(tl.maximum(tl.abs(ye), tl.abs(yo)), HALF, 16), FP4_AMAX_MIN)
+        h = hadamard_tile(HALF)[None, :, :]
+        ssum = (ye + yo)[:, None, :]
+        sdif = (ye - yo)[:, None, :]
+        ye = round_to_out(tl.sum(h * ssum, axis=2) * had_scale, OUT_KIND)
+        yo = round_to_out(tl.sum(h * sdif, axis=2) * had_scale, OUT_KIND)
+        amax = tl.maximum(_lanes_to_blocks(tl.maximum(tl.abs(ye), tl.abs(yo)), BW, HALF, 16), FP4_AMAX_MIN)
         kx = pow2_scale_bits(amax, inv_fp4)
         s = exp2_int(kx)
         rs = exp2_int(-kx)
         ye = round_to_out(e2m1_decode(e2m1_encode(ye * rs)) * s, OUT_KIND)
         yo = round_to_out(e2m1_decode(e2m1_encode(yo * rs)) * s, OUT_KIND)
 
-    row = (b * NW + w).to(tl.int64) * hd
-    store_out(out_ptr + row + 2 * i, tl.where(active, ye, 0.0), me, OUT_KIND)
-    store_out(out_ptr + row + 2 * i + 1, tl.where(active, yo, 0.0), mo, OUT_KIND)
+    # rows past num_new are zeros
+    y = tl.where(active[:, None, None], tl.join(ye, yo), 0.0)
+    row = (b * NW + w).to(tl.int64)[:, None, None] * hd
+    store_out(out_ptr + row + col[None, :, :], y, (w < NW)[:, None, None] & cm[None, :, :], OUT_KIND)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,11 +386,14 @@ def compress_kv(
     half = U.next_pow2(hd) // 2
     if quant == "fp8":
         half = max(half, 32)
-    _pool_kernel[(bsz, nw)](
+    bs = min(cfg["BLOCK_S"], U.next_pow2(ratio))
+    # windows per program: many under the interpreter (per-op cost), bounded tile size
+    bw = max(1, min(cfg["BLOCK_WIN"], U.next_pow2(nw), cfg["POOL_TILE"] // (bs * 2 * half)))
+    _pool_kernel[(bsz, U.cdiv(nw, bw))](
         pending_kv, pending_score, kv_new, sc_new, prev_kv, prev_score, n_tokens, norm_weight, freqs,
         U.out_view(entries), s, ratio, hd, width, nw, (hd - r) // 2, float(eps), _f32(hd**-0.5),
         _f32(1.0 / U.FP8_MAX), _f32(1.0 / U.FP4_MAX),
-        OVERLAP=overlap, HALF=half, BLOCK_S=min(cfg["BLOCK_S"], U.next_pow2(ratio)), QUANT=_QUANT_CODE[quant],
+        OVERLAP=overlap, HALF=half, BW=bw, BLOCK_S=bs, QUANT=_QUANT_CODE[quant],
         OUT_KIND=U.out_kind(x.dtype))
 
     # 3. new state and per-sequence entry counts
