@@ -441,10 +441,10 @@ for cap in (80, 90):  # the projection's tl.dot lowers differently per generatio
                               BLOCK_M=C, BLOCK_N=C, BLOCK_K=C, IS_GATE=C, DOT_BF16=C),
          dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, IS_GATE=True, DOT_BF16=True), cap)
 for quant, hd, ov in ((1, 512, True), (1, 512, False), (2, 128, True)):
-        sig = dict(pk_ptr=F, ps_ptr=F, nk_ptr=F, ns_ptr=F, vk_ptr=F, vs_ptr=F, n_ptr=L, nw_ptr=B, f_ptr=F, out_ptr="*i16",
-                   S="i32", ratio="i32", hd="i32", W="i32", NW="i32", nope_half="i32", eps="fp32", had_scale="fp32",
-                   inv_fp8="fp32", inv_fp4="fp32", OVERLAP=C, HALF=C, BW=C, BLOCK_S=C, QUANT=C, OUT_KIND=C)
-        comp(T._pool_kernel, sig, dict(OVERLAP=ov, HALF=hd // 2, BW=1, BLOCK_S=8, QUANT=quant, OUT_KIND=1), 80)
+    sig = dict(pk_ptr=F, ps_ptr=F, nk_ptr=F, ns_ptr=F, vk_ptr=F, vs_ptr=F, n_ptr=L, nw_ptr=B, f_ptr=F, out_ptr="*i16",
+               S="i32", ratio="i32", hd="i32", W="i32", NW="i32", nope_half="i32", eps="fp32", had_scale="fp32",
+               inv_fp8="fp32", inv_fp4="fp32", OVERLAP=C, HALF=C, BW=C, BLOCK_S=C, QUANT=C, OUT_KIND=C)
+    comp(T._pool_kernel, sig, dict(OVERLAP=ov, HALF=hd // 2, BW=1, BLOCK_S=8, QUANT=quant, OUT_KIND=1), 80)
 comp(T._state_kernel, dict(pk_ptr=F, ps_ptr=F, nk_ptr=F, ns_ptr=F, vk_ptr=F, vs_ptr=F, n_ptr=L, opk_ptr=F, ops_ptr=F, ovk_ptr=F,
                            ovs_ptr=F, num_ptr=N, S="i32", ratio="i32", W="i32", hd="i32", OVERLAP=C, BLOCK_T=C, BLOCK_W=C),
      dict(OVERLAP=True, BLOCK_T=4, BLOCK_W=256), 80)
