@@ -69,17 +69,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 if table[op][n]:
                     print(f"      {n:10s} - {'; '.join(table[op][n])}")
     if not args.verbose:
-        print("\nwhy the other backends are not usable (first op shown; -v lists every op):")
-        op0 = sorted(table)[0]
+        print("\nwhy the other backends are not usable here (-v lists every op x backend):")
         reasons: dict[str, set[str]] = {}
         for op in table:
             for n in names:
                 for r in table[op][n]:
-                    reasons.setdefault(n, set()).add(r if "kernel for" not in r else f"no {n} kernel for some ops")
+                    reasons.setdefault(n, set()).add(r if "kernel for" not in r else f"no {n} kernel for some ops yet")
         for n in names:
             if n in reasons:
                 print(f"  {n:10s} - {'; '.join(sorted(reasons[n]))}")
-        del op0
     return 0
 
 

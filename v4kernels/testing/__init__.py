@@ -1,7 +1,7 @@
 """The shared parity suite: seeded cases, comparison helpers and a runner.
 
-Run it on any machine with ``python -m v4kernels parity`` or ``pytest --pyargs v4kernels.testing``
-is not needed: ``tests/`` in the source tree wraps the same cases.
+Run it on any machine with ``python -m v4kernels parity`` (every case on every backend usable
+there); ``tests/test_parity.py`` in the source tree wraps the same cases for pytest.
 """
 from .cases import ParityCase, all_cases, make_inputs, register
 from .compare import assert_close, compare_outputs, compare_tensors, compare_topk, index_set_recall

@@ -41,7 +41,7 @@ class ParityCase:
     large: bool = False
     compare: Callable[[Any, Any, dict[torch.dtype, Tolerance]], CompareResult] | None = None
     naive: Callable[..., Any] | None = None
-    naive_tol: Tolerance | None = None
+    naive_tol: Tolerance | dict[torch.dtype, Tolerance] | None = None
     seed: int = 0
 
 

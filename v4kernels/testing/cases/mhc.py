@@ -230,7 +230,7 @@ def _post_inputs(lead: tuple[int, ...], hc: int, dim: int, dtype: torch.dtype):
 def _reg(name: str, op: str, make, run, tags: set[str], naive=None, large: bool = False, path: str = "") -> None:
     tol = SINKHORN_TOL if op == "hc_split_sinkhorn" else NAIVE_TOL
     register(ParityCase(f"{op}/{name}", op, make, run, path=path or op, tags=frozenset(tags), large=large,
-                        naive=naive, naive_tol=tol if naive is not None else None))  # type: ignore[arg-type]
+                        naive=naive, naive_tol=tol if naive is not None else None))
 
 
 # -- hc_split_sinkhorn
