@@ -132,21 +132,22 @@ def main(argv: list[str] | None = None) -> int:
         elif fmt == "fp4":
             _target("indexer_topk decode 1M fp4 vs bf16 (speed ratio)", times["bf16"] / t, 1.0, "x")
 
-    # hc_pre + hc_post at decode shapes (V4-Flash D = 4096, 4 streams), 4 tokens
+    # hc_pre + hc_post at decode shapes (V4-Flash D = 4096, 4 streams), 1 and 4 tokens
     hc, dm = 4, 4096
-    x = torch.randn(4, hc, dm, generator=g).bfloat16()
     fnw = torch.randn(24, hc * dm, generator=g) * 0.01
     scale = torch.rand(3, generator=g)
     base = torch.randn(24, generator=g) * 0.1
-    a = torch.randn(4, dm, generator=g).bfloat16()
+    for nt in (1, 4):
+        x = torch.randn(nt, hc, dm, generator=g).bfloat16()
+        a = torch.randn(nt, dm, generator=g).bfloat16()
 
-    def hc_step() -> torch.Tensor:
-        x_in, post, comb = v4k.hc_pre(x, fnw, scale, base)
-        return v4k.hc_post(a, x, post, comb)
+        def hc_step() -> torch.Tensor:
+            x_in, post, comb = v4k.hc_pre(x, fnw, scale, base)  # noqa: B023
+            return v4k.hc_post(a, x, post, comb)  # noqa: B023
 
-    t, tr = _median(hc_step, "cpu", mt), _median(hc_step, "reference", mt)
-    _row("hc_pre+hc_post decode flash t4", t, None, gemm, tr, ">= 10x reference")
-    _target("hc_pre+hc_post decode", tr / t, 10, "x")
+        t, tr = _median(hc_step, "cpu", mt), _median(hc_step, "reference", mt)
+        _row(f"hc_pre+hc_post decode flash t{nt}", t, None, gemm, tr, ">= 10x reference")
+        _target(f"hc_pre+hc_post decode T={nt}", tr / t, 10, "x")
     fnh = torch.randn(hc, hc * dm, generator=g) * 0.01
     head = lambda: v4k.hc_head(x, fnh, scale[:1], base[:hc])  # noqa: E731
     _row("hc_head decode flash t4", _median(head, "cpu", mt), None, gemm, _median(head, "reference", mt), "(info)")

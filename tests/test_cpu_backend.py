@@ -190,6 +190,32 @@ def test_indexer_topk_threads_agree():
     assert set(res[0].flatten().tolist()) == set(res[1].flatten().tolist())
 
 
+@needs_ext
+@pytest.mark.parametrize("d_i", [32, 96, 128, 256])
+def test_indexer_fp4_decode_blocks(d_i):
+    """FP4 key decode (LUT + interleave + per-32 scale): blocks of one key at very different
+    magnitudes, so a wrong nibble order or scale block shows in the scores."""
+    g = torch.Generator().manual_seed(d_i)
+    n, hi = 300, 19
+    kf = torch.randn(1, n, d_i, generator=g)
+    kf = kf * (4.0 ** torch.arange(d_i // 32)).repeat_interleave(32)  # per-block scales 4^0, 4^1, ...
+    keys, ks = v4k.fp4_act_quant(kf, 32)
+    deq = v4k.fp4_act_dequant(keys, ks, 32, torch.float32)
+    assert len(set(ks[0, 0].tolist())) == d_i // 32  # the blocks really have distinct scales
+    q = torch.randn(1, 2, hi, d_i, generator=g).bfloat16()
+    w = torch.randn(1, 2, hi, generator=g)
+    pos = torch.tensor([[4 * n - 1, 4 * 150 + 2]])
+    ref = _naive_scores(q, w, deq, pos, 4)
+    scores = torch.ops.v4k_cpu.indexer_scores(q, w, keys, ks, pos, 4)
+    assert torch.equal(torch.isinf(scores), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    big = ref[fin].abs().max().item()  # fp32 accumulation error grows with the largest block
+    torch.testing.assert_close(scores[fin].double(), ref[fin], atol=1e-6 * big, rtol=1e-5)
+    # the same keys as fp32 values give the same scores (the decode is exact)
+    same = torch.ops.v4k_cpu.indexer_scores(q, w, deq, None, pos, 4)
+    torch.testing.assert_close(scores, same, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------ mhc
 @needs_ext
 def test_hc_pre_post_against_formula():
@@ -386,3 +412,88 @@ def test_hc_head_against_formula():
     mixes = (xf @ fn.double().T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
     pre = torch.sigmoid(mixes * 0.8 + base.double()) + 1e-6  # SPEC §10.5: sigmoid gates, no Sinkhorn
     _check_close(out, (pre[..., None] * x.double()).sum(-2), torch.bfloat16)
+
+
+def _hc_params(g, hc, d, nm=None):
+    nm = nm or (2 + hc) * hc
+    fn = torch.randn(nm, hc * d, generator=g) * 0.02
+    return fn, torch.tensor([0.7, 1.3, 0.9]), torch.randn(nm, generator=g) * 0.1
+
+
+def _hc_pre_formula(x, fn, scale, base, hc):
+    """SPEC §10.1-10.3 in float64 with the Sinkhorn split of the reference op."""
+    xf = x.double().flatten(-2)
+    mixes = (xf @ fn.double().T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
+    with v4k.use_backend("reference"):
+        pre, post, comb = v4k.hc_split_sinkhorn(mixes.float(), scale, base, hc)
+    return (pre.double()[..., None] * x.double()).sum(-2), post, comb, mixes
+
+
+@needs_ext
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_hc_pre_decode_threads_and_dtypes(t, dtype):
+    """Decode-sized hc_pre: mix rows split across threads (token blocks of 1-4 plus a remainder),
+    bit-identical for 1 and 2 threads, and equal to the SPEC formula."""
+    g = torch.Generator().manual_seed(t)
+    hc, d = 4, 1024 + 8  # hc·D = 4128: 4096 vector elements plus a scalar tail with 8-wide vectors
+    x = (torch.randn(t, hc, d, generator=g) * 3).to(dtype)
+    fn, scale, base = _hc_params(g, hc, d)
+    prev = torch.get_num_threads()
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            outs.append(torch.ops.v4k_cpu.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6))
+        finally:
+            torch.set_num_threads(prev)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    x_in, post, comb = outs[0]
+    ref_in, ref_post, ref_comb, _ = _hc_pre_formula(x, fn, scale, base, hc)
+    torch.testing.assert_close(post, ref_post, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(comb, ref_comb, atol=1e-5, rtol=1e-5)
+    _check_close(x_in, ref_in, dtype)
+
+
+@needs_ext
+def test_hc_pre_decode_shape_v4_flash():
+    """The V4-Flash decode shape (hc 4, D 4096): every mix row and the RMS factor land in place."""
+    g = torch.Generator().manual_seed(4096)
+    hc, d = 4, 4096
+    x = torch.randn(2, hc, d, generator=g).bfloat16()
+    fn, scale, base = _hc_params(g, hc, d)
+    fn[5] *= 40  # one large post logit: a misplaced row or RMS factor moves post visibly
+    x_in, post, comb = torch.ops.v4k_cpu.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    ref_in, ref_post, ref_comb, _ = _hc_pre_formula(x, fn, scale, base, hc)
+    torch.testing.assert_close(post, ref_post, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(comb, ref_comb, atol=1e-5, rtol=1e-5)
+    _check_close(x_in, ref_in, torch.bfloat16)
+
+
+@needs_ext
+@pytest.mark.parametrize("hc,d", [(4, 4096 + 5), (3, 40), (1, 17)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bf16_mix", [False, True])
+def test_hc_post_formula_variants(hc, d, dtype, bf16_mix):
+    """hc_post [OFF] (fp32, one rounding) and [HF] (SPEC §15 #4: post/comb cast, two roundings)
+    against float64 formulas, for the fixed 4-stream kernel and the generic one, with D tails."""
+    g = torch.Generator().manual_seed(hc * d)
+    t = 2
+    x = torch.randn(t, d, generator=g).to(dtype)
+    res = torch.randn(t, hc, d, generator=g).to(dtype)
+    post = torch.rand(t, hc, generator=g) * 2
+    comb = torch.rand(t, hc, hc, generator=g)
+    out = torch.ops.v4k_cpu.hc_post(x, res, post, comb, bf16_mix)
+    assert out.dtype == dtype and out.shape == res.shape
+    if not bf16_mix:
+        ref = post.double()[..., None] * x.double()[:, None] + torch.einsum("tjk,tjd->tkd", comb.double(), res.double())
+        _check_close(out, ref, dtype)
+    else:
+        pc, cc = post.to(dtype).double(), comb.to(dtype).double()
+        a = (pc[..., None] * x.double()[:, None]).to(dtype).double()
+        r = torch.einsum("tjk,tjd->tkd", cc, res.double()).to(dtype).double()
+        if dtype == torch.float32:
+            _check_close(out, a + r, dtype)
+        else:  # each term may sit 1 ulp apart from the float64 rounding
+            torch.testing.assert_close(out.double(), a + r, atol=0, rtol=2.0**-7)

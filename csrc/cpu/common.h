@@ -170,11 +170,71 @@ static inline void store_row(const float* src, int dtype, void* dst, int64_t n) 
   }
 }
 
+// ------------------------------------------------------------------ vector 16-bit storage access
+typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));  // VW 16-bit values, unaligned
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+
+static inline vf vbits(vu u) { return (vf)u; }
+static inline vu vubits(vf f) { return (vu)f; }
+
+// VW bf16 values -> fp32 (exact).
+static inline vf vload_bf16(const uint16_t* p) {
+  return vbits(__builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16);
+}
+
+// fp32 -> bf16 (round to nearest even, NaN stays a quiet NaN): the lane-wise f32_to_bf16.
+static inline vh vbf16(vf v) {
+  const vu u = vubits(v);
+  const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu q = (u >> 16) | 0x40u;
+  const vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);  // all-ones lanes
+  return __builtin_convertvector((q & nan) | (r & ~nan), vh);
+}
+
+// VW values of a float storage type at element offset i -> fp32.
+static inline vf vload_as(const void* src, int dtype, int64_t i) {
+  if (dtype == F32) return vload(static_cast<const float*>(src) + i);
+  if (dtype == BF16) return vload_bf16(static_cast<const uint16_t*>(src) + i);
+  vf r;
+  const uint16_t* s = static_cast<const uint16_t*>(src) + i;
+  for (int l = 0; l < VW; ++l) r[l] = f16_to_f32(s[l]);
+  return r;
+}
+
+// Store VW fp32 values into a float storage type at element offset i (one rounding).
+static inline void vstore_as(void* dst, int dtype, int64_t i, vf v) {
+  if (dtype == F32) {
+    vstore(static_cast<float*>(dst) + i, v);
+  } else if (dtype == BF16) {
+    *reinterpret_cast<vh*>(static_cast<uint16_t*>(dst) + i) = vbf16(v);
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(dst) + i;
+    for (int l = 0; l < VW; ++l) d[l] = f32_to_f16(v[l]);
+  }
+}
+
+// fp32 values rounded through a float storage type and back (x.to(dtype).float()), lane-wise.
+static inline vf vround_as(int dtype, vf v) {
+  if (dtype == BF16) return vbits(__builtin_convertvector(vbf16(v), vu) << 16);
+  if (dtype == F16)
+    for (int l = 0; l < VW; ++l) v[l] = f16_to_f32(f32_to_f16(v[l]));
+  return v;
+}
+
 static inline int elem_size(int dtype) { return dtype == F32 ? 4 : 2; }
 
 static inline int num_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Threads of the enclosing parallel region (1 outside one).
+static inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
 #else
   return 1;
 #endif

@@ -11,6 +11,10 @@
 #include <algorithm>
 #include <utility>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 #include "kernels.h"
 
@@ -68,19 +72,56 @@ inline void tile_scores(const float* Qt, const float* w, int64_t HIp, const floa
     }
 }
 
+#if defined(__AVX512F__)
+// FP4 key row -> fp32 (SPEC §4.1): per 32-element block, the 16 packed bytes are widened to
+// int32 lanes, each nibble picks its e2m1 value from a 16-entry LUT in one vpermps (only the
+// index's low 4 bits count, so the low nibble needs no mask), the low/high halves are interleaved
+// back to element order and the block's power-of-two scale is applied (exact, as in the reference
+// dequantisation).
+inline void decode_fp4_row(const uint8_t* p, const float* s, int64_t dI, float* dst) {
+  const __m512 lut = _mm512_loadu_ps(kFp4);
+  const __m512i i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t b = 0; b < dI / 32; ++b) {
+    // (maskz forms: GCC 12 warns about the plain intrinsics' undefined pass-through operand)
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * b));
+    const __m512i w = _mm512_maskz_cvtepu8_epi32(0xffff, bytes);
+    const __m512 lo = _mm512_maskz_permutexvar_ps(0xffff, w, lut);  // elements 0, 2, 4, ...
+    const __m512 hi = _mm512_maskz_permutexvar_ps(0xffff, (__m512i)((vu)w >> 4u), lut);  // 1, 3, 5, ...
+    const __m512 sc = _mm512_set1_ps(s[b]);
+    _mm512_storeu_ps(dst + 32 * b, _mm512_mul_ps(_mm512_permutex2var_ps(lo, i0, hi), sc));
+    _mm512_storeu_ps(dst + 32 * b + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, i1, hi), sc));
+  }
+}
+#else
+// Portable path: a byte -> (low, high) e2m1 pair table, one 8-byte copy per packed byte.
+struct Fp4PairTable {
+  float v[256][2];
+  Fp4PairTable() {
+    for (int b = 0; b < 256; ++b) {
+      v[b][0] = kFp4[b & 0xf];
+      v[b][1] = kFp4[b >> 4];
+    }
+  }
+};
+inline void decode_fp4_row(const uint8_t* p, const float* s, int64_t dI, float* dst) {
+  static const Fp4PairTable pairs;
+  for (int64_t b = 0; b < dI / 32; ++b) {
+    float* o = dst + 32 * b;
+    for (int i = 0; i < 16; ++i) std::memcpy(o + 2 * i, pairs.v[p[16 * b + i]], 8);
+    const vf sc = vbcast(s[b]);
+    for (int i = 0; i < 32; i += VW) vstore(o + i, vload(o + i) * sc);
+  }
+}
+#endif
+
 inline void decode_key(const void* keys, int kind, const float* ks, int64_t row, int64_t dI, float* dst) {
   if (kind == KEY_FP8) {
     const uint8_t* p = static_cast<const uint8_t*>(keys) + row * dI;
     const float* s = ks + row * (dI / 128);
     for (int64_t d = 0; d < dI; ++d) dst[d] = kFp8.v[p[d]] * s[d / 128];
   } else if (kind == KEY_FP4) {
-    const uint8_t* p = static_cast<const uint8_t*>(keys) + row * (dI / 2);
-    const float* s = ks + row * (dI / 32);
-    for (int64_t i = 0; i < dI / 2; ++i) {
-      float sc = s[(2 * i) / 32];
-      dst[2 * i] = kFp4[p[i] & 0xf] * sc;
-      dst[2 * i + 1] = kFp4[p[i] >> 4] * sc;
-    }
+    decode_fp4_row(static_cast<const uint8_t*>(keys) + row * (dI / 2), ks + row * (dI / 32), dI, dst);
   } else {
     load_row(static_cast<const char*>(keys) + row * dI * elem_size(kind), kind, dst, dI);
   }

@@ -199,6 +199,9 @@ def indexer_topk(q, weights, keys, key_scales, positions, topk, ratio, offset):
     # so there only candidate sets up to 32 use it (the tests cover both merges)
     merge_sort = U.target_kind(q.device) != "interpret" or kp <= 32
     ws = q if merge_sort else torch.empty((b * s, 3 * kp), dtype=torch.int64, device=q.device)
+    # num_stages=1: software pipelining would keep 3 key tiles [KP, dI] in shared memory (408 KB for
+    # bf16 keys at KP = 512, beyond any GPU); the merge's sort dominates each iteration anyway
     _indexer_topk_kernel[(b * s,)](q, weights, kk, ks, positions.contiguous(), out, ws, s, n, h, ratio, k, offset, KP=kp,
-                                   MERGE_SORT=merge_sort, RB=min(2 * kp, max(16, (1 << 20) // (2 * kp))), **meta)
+                                   MERGE_SORT=merge_sort, RB=min(2 * kp, max(16, (1 << 20) // (2 * kp))), num_stages=1,
+                                   **meta)
     return out

@@ -20,25 +20,11 @@ FP4_AMAX_MIN = 6.0 * 2.0**-126
 
 #: e2m1 code -> value, codes 0..15 (bit 3 = sign)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-# Decision boundaries between consecutive magnitudes. At an exact tie the even code wins: the
-# boundary belongs to the lower code for (0|1), (2|3), (4|5), (6|7) and to the upper code for
-# (1|2), (3|4), (5|6).
-_FP4_TIE_LOW = (0.25, 1.25, 2.5, 5.0)
-_FP4_TIE_HIGH = (0.75, 1.75, 3.5)
 
 
 @functools.cache
-def _fp4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Boundaries where a tie belongs to the upper code are moved down by one fp32 ulp, so one
-    # `bucketize(right=False)` (ties go to the lower bucket) implements ties-to-even-code exactly:
-    # no fp32 value lies strictly between a boundary and its predecessor.
-    bounds = sorted(
-        [b for b in _FP4_TIE_LOW] + [float(torch.nextafter(torch.tensor(b), torch.tensor(0.0))) for b in _FP4_TIE_HIGH]
-    )
-    return (
-        torch.tensor(bounds, dtype=torch.float32, device=device),
-        torch.tensor(FP4_VALUES, dtype=torch.float32, device=device),
-    )
+def _fp4_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
 
 
 def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -71,17 +57,20 @@ def fp8_encode(v: torch.Tensor) -> torch.Tensor:
 
 
 def fp4_encode(v: torch.Tensor) -> torch.Tensor:
-    """fp32 values (already divided by the scale) -> e2m1 codes 0..15 as uint8 (RNE, saturating)."""
-    bounds, _ = _fp4_tables(v.device)
-    code = torch.bucketize(v.abs().clamp_max(FP4_MAX), bounds, out_int32=True)
-    sign = torch.signbit(v).to(torch.int32) << 3
-    return (code | sign).to(torch.uint8)
+    """fp32 values (already divided by the scale) -> e2m1 codes 0..15 as uint8 (RNE, saturating).
+
+    The e2m1 grid is uniform per range: step 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6], so rounding
+    to nearest with ties to even *grid multiple* (``torch.round``) is ties-to-even-code.
+    """
+    a = v.abs().clamp_max(FP4_MAX)
+    q = torch.where(a < 2, torch.round(a * 2) * 0.5, torch.where(a < 4, torch.round(a), torch.round(a * 0.5) * 2))
+    code = torch.where(q < 2, q * 2, torch.where(q < 4, q + 2, q * 0.5 + 4)).to(torch.uint8)
+    return code | (torch.signbit(v).to(torch.uint8) << 3)
 
 
 def fp4_decode(codes: torch.Tensor) -> torch.Tensor:
     """e2m1 codes 0..15 -> fp32 values."""
-    _, table = _fp4_tables(codes.device)
-    return table[codes.long()]
+    return _fp4_table(codes.device)[codes.long()]
 
 
 def fp4_pack(codes: torch.Tensor) -> torch.Tensor:

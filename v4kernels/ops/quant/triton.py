@@ -266,7 +266,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     n_rows = x.numel() // n
     use_dot = n >= 16
     br = 64 if use_dot else 16
-    if not U.interpret() and x.device.type != "cpu":
+    if U.target_kind(x.device) != "interpret":
         br = 32 if use_dot else 16
     out = torch.empty_like(x)
     _hadamard_fwd_kernel[(U.cdiv(n_rows, br),)](
