@@ -19,7 +19,7 @@ types and constexpr specialisations the launchers produce:
   the compile-only launch never feeds garbage into a later launch's host-side decisions;
 * every distinct specialisation ``(kernel, constexprs, argument types, arch)`` is compiled once
   and recorded with its PTX size, whether the PTX has an ``.entry``, its shared memory, and which
-  ``@triton.jit`` helpers contributed code to it (from the PTX ``.loc`` line table).
+  ``@triton.jit`` helpers contributed code to it (from the source locations of its Triton IR).
 
 :func:`check` runs one worker per architecture and returns an :class:`AotReport`;
 :meth:`AotReport.problems` lists every kernel that was not compiled for some architecture, every
@@ -244,16 +244,16 @@ class _State:
     arch = 0
     case = ""
     records: dict[tuple, Compiled] = {}
-    covered: set[tuple[str, str, str]] = set()
+    covered: set[tuple] = set()
     file_map: dict[str, list[JitFunction]] = {}
 
 
-def _helpers_in_ptx(ptx: str, own: str) -> list[str]:
-    """``@triton.jit`` functions (other than ``own``) with a source line in the PTX line table."""
-    files = dict(re.findall(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, re.M))
+def _helpers_in_ir(ttir: str, own: str) -> list[str]:
+    """``@triton.jit`` functions (other than ``own``) with a source location in the Triton IR of
+    a compiled kernel (after inlining, before the target lowering: the same for every arch)."""
     hit: set[str] = set()
-    for fid, line in set(re.findall(r"^\s*\.loc\s+(\d+)\s+(\d+)", ptx, re.M)):
-        for fn in _State.file_map.get(os.path.realpath(files.get(fid, "")), ()):
+    for path, line in set(re.findall(r'loc\("([^"]+)":(\d+):\d+\)', ttir)):
+        for fn in _State.file_map.get(os.path.realpath(path), ()):
             if fn.first_line <= int(line) <= fn.last_line and fn.name != own:
                 hit.add(fn.name)
     return sorted(hit)
@@ -280,9 +280,11 @@ def install(arch: int, *, ptx_only: bool = False, subset: str = "all") -> None:
     """Make this process compile Triton kernels for ``sm_<arch>`` instead of launching them.
 
     ``ptx_only`` stops after PTX (skips ptxas, about half the compile time of large kernels).
-    ``subset="cover"`` compiles a specialisation only if it brings a (kernel, constexpr = value)
-    pair not compiled yet (in parity-case order), so every constexpr branch of every kernel is
-    compiled at least once; ``"all"`` compiles every distinct specialisation.
+    ``subset`` picks what is compiled: ``"all"`` every distinct specialisation (constexprs and
+    Triton's argument specialisations: 16-divisible pointers / integers, integers equal to 1);
+    ``"constexprs"`` each distinct constexpr combination once (the first argument variant
+    met); ``"cover"`` a specialisation only if it brings a (kernel, constexpr = value) pair not
+    compiled yet, in parity-case order, so each constexpr value of each kernel is compiled once.
     Must run before any kernel module is imported, in a process without ``TRITON_INTERPRET``."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("triton_aot needs real @triton.jit functions: unset TRITON_INTERPRET")
@@ -347,7 +349,9 @@ def install(arch: int, *, ptx_only: bool = False, subset: str = "all") -> None:
         pairs = {(name, k, v) for k, v in cons.items()}
         if rec is None and subset == "cover" and pairs <= _State.covered:
             return None
-        _State.covered |= pairs
+        if rec is None and subset == "constexprs" and (name, tuple(cons.items())) in _State.covered:
+            return None
+        _State.covered |= pairs | {(name, tuple(cons.items()))}
         if rec is None:
             rec = _State.records[key] = Compiled(name, arch, cons, types, ok=False)
             t0 = time.perf_counter()
@@ -362,7 +366,7 @@ def install(arch: int, *, ptx_only: bool = False, subset: str = "all") -> None:
                 rec.has_entry = re.search(r"^\s*(\.visible\s+)?\.entry\s", ptx, re.M) is not None
                 rec.shared = int(getattr(k.metadata, "shared", 0) or 0)
                 rec.num_warps = int(getattr(k.metadata, "num_warps", 0) or 0)
-                rec.helpers = _helpers_in_ptx(ptx, name)
+                rec.helpers = _helpers_in_ir(k.asm.get("ttir", ""), name)
             rec.seconds = time.perf_counter() - t0
         if _State.case and _State.case not in rec.cases and len(rec.cases) < 3:
             rec.cases.append(_State.case)
@@ -458,7 +462,7 @@ def check(
     ``jobs`` at a time) and return the report. ``cache_dir`` becomes ``TRITON_CACHE_DIR`` (a
     persistent cache makes a rerun cheap; PTX-only builds use a subfolder of their own);
     ``ops`` / ``name_filter`` select parity cases; ``ptx_only`` and ``subset`` (arch -> "all" |
-    "cover", default "all") as in :func:`install`."""
+    "constexprs" | "cover", default "all") as in :func:`install`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -509,8 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="architectures compiled in parallel")
     p.add_argument("--specs", action="store_true", help="also list every specialisation")
     p.add_argument("--ptx-only", action="store_true", help="stop after PTX (skip ptxas)")
-    p.add_argument("--subset", default="all", choices=("all", "cover"),
-                   help="all distinct specialisations, or a subset covering every constexpr value")
+    p.add_argument("--subset", default="all", choices=("all", "constexprs", "cover"),
+                   help="all distinct specialisations, each constexpr combination once, or a subset "
+                        "covering every constexpr value")
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
