@@ -87,6 +87,15 @@ def test_env_var_forcing(monkeypatch):
         v4k.rms_norm(X)
 
 
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_cache():
+    # tests below patch R.BACKENDS / R._KERNELS directly; the dispatch plan cache must not keep
+    # a patched backend alive past a test (register_kernel clears it itself)
+    R.clear_dispatch_cache()
+    yield
+    R.clear_dispatch_cache()
+
 class _FakeBackend(R.Backend):
     name = "fake"
     description = "test double"

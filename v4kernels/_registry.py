@@ -78,6 +78,7 @@ def register_kernel(
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         _KERNELS.setdefault(backend, {})[op] = KernelEntry(fn, supports)
+        _PLAN.clear()
         return fn
 
     return deco
@@ -373,28 +374,45 @@ def candidates(op: str, device_type: str) -> list[Backend]:
     return sorted(bs, key=lambda b: b.auto_priority[device_type])
 
 
+# (op, device type, forced backend or None) -> backends whose argument-independent checks pass,
+# in priority order, with their kernels. Availability does not change within a process (probes
+# and extension loads are cached), so only the kernels' `supports` checks run per call.
+_PLAN: dict[tuple[str, str, str | None], list[tuple[Backend, KernelEntry]]] = {}
+
+
+def clear_dispatch_cache() -> None:
+    """Forget cached backend plans (after registering kernels or backends at run time)."""
+    _PLAN.clear()
+
+
+def _plan(op: str, device_type: str, forced: str | None) -> list[tuple[Backend, KernelEntry]]:
+    key = (op, device_type, forced)
+    plan = _PLAN.get(key)
+    if plan is None:
+        backends = [BACKENDS[forced]] if forced is not None else candidates(op, device_type)
+        plan = []
+        for b in backends:
+            if not b.op_reasons(op, device_type, forced=forced is not None):
+                entry = b.kernel(op)
+                assert entry is not None
+                plan.append((b, entry))
+        _PLAN[key] = plan
+    return plan
+
+
 def select_backend(op: str, args: Sequence[Any]) -> tuple[Backend, KernelEntry]:
     device_type = _device_type(args)
     forced = forced_backend(op)
-    if forced is not None:
-        b = BACKENDS[forced]
-        reasons = b.call_reasons(op, args, device_type, forced=True)
-        if reasons:
-            raise BackendUnavailableError(
-                f"backend {forced!r} was requested for {op} on {device_type} but cannot run it: "
-                + "; ".join(reasons)
-            )
-        entry = b.kernel(op)
-        assert entry is not None
-        return b, entry
-    tried: list[str] = []
-    for b in candidates(op, device_type):
-        reasons = b.call_reasons(op, args, device_type, forced=False)
-        if not reasons:
-            entry = b.kernel(op)
-            assert entry is not None
+    for b, entry in _plan(op, device_type, forced):
+        if entry.supports is None or not entry.supports(*args):
             return b, entry
-        tried.append(f"{b.name}: {'; '.join(reasons)}")
+    # nothing can run: recompute the reasons in full for the error message
+    if forced is not None:
+        reasons = BACKENDS[forced].call_reasons(op, args, device_type, forced=True)
+        raise BackendUnavailableError(
+            f"backend {forced!r} was requested for {op} on {device_type} but cannot run it: " + "; ".join(reasons)
+        )
+    tried = [f"{b.name}: {'; '.join(b.call_reasons(op, args, device_type, forced=False))}" for b in candidates(op, device_type)]
     raise BackendUnavailableError(f"no backend can run {op} on {device_type}: " + " | ".join(tried))
 
 

@@ -143,6 +143,7 @@ class Compiled:
     helpers: list[str] = dataclasses.field(default_factory=list)
     cases: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
     @property
     def spec(self) -> str:
@@ -229,9 +230,10 @@ class AotReport:
         for a in self.archs:
             st = self.case_status.get(a, {})
             n_skip = sum(v.startswith("skip") for v in st.values())
-            lines.append(f"sm_{a}: {len([r for r in self.records if r.arch == a])} specialisations from "
-                         f"{len(st) - n_skip} cases ({n_skip} skipped: no triton kernel or refused) in "
-                         f"{self.seconds.get(a, 0.0):.0f} s")
+            rs = [r for r in self.records if r.arch == a]
+            lines.append(f"sm_{a}: {len(rs)} specialisations from {len(st) - n_skip} cases ({n_skip} skipped: "
+                         f"no triton kernel or refused); compile {sum(r.cpu_seconds for r in rs):.0f} CPU-s, "
+                         f"worker {self.seconds.get(a, 0.0):.0f} s")
         return "\n".join(lines)
 
 
@@ -354,7 +356,7 @@ def install(arch: int, *, ptx_only: bool = False, subset: str = "all") -> None:
         _State.covered |= pairs | {(name, tuple(cons.items()))}
         if rec is None:
             rec = _State.records[key] = Compiled(name, arch, cons, types, ok=False)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 k = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
             except Exception as e:  # noqa: BLE001 - the compiler's message is the result
@@ -368,6 +370,7 @@ def install(arch: int, *, ptx_only: bool = False, subset: str = "all") -> None:
                 rec.num_warps = int(getattr(k.metadata, "num_warps", 0) or 0)
                 rec.helpers = _helpers_in_ir(k.asm.get("ttir", ""), name)
             rec.seconds = time.perf_counter() - t0
+            rec.cpu_seconds = time.process_time() - c0
         if _State.case and _State.case not in rec.cases and len(rec.cases) < 3:
             rec.cases.append(_State.case)
         return None
