@@ -26,12 +26,7 @@ FP32_TOL = Tolerance(2e-6, 2e-5, 0.99999)
 SCALE = 512**-0.5
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    # These tests pin down the executable spec; other backends are compared with it by the
-    # parity suite (tests/test_parity.py) on the cases in v4kernels/testing/cases/attention.py.
-    with v4k.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def _gen(seed: int) -> torch.Generator:

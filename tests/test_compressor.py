@@ -429,9 +429,4 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    # These tests pin down the executable spec; other backends are compared with it by the parity
-    # suite (tests/test_parity.py) on the cases in v4kernels/testing/cases/compressor.py.
-    with v4k.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")

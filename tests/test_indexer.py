@@ -32,11 +32,10 @@ def _visible(positions, ratio=4):
 
 
 
+
 @pytest.fixture(autouse=True)
-def _reference_backend():
-    """These tests pin down the reference semantics; other backends are held to it by the
-    parity suite (tests/test_parity.py)."""
-    with v4k.use_backend("reference", ops=("indexer_scores", "indexer_topk")):
+def _reference_backend(reference_backend_for):
+    with reference_backend_for(("indexer_scores", "indexer_topk")):
         yield
 
 # --------------------------------------------------------------------- causal limit and sentinel

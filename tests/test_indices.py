@@ -20,11 +20,10 @@ def _row(t: list[int]) -> list[int]:
 
 
 
+
 @pytest.fixture(autouse=True)
-def _reference_backend():
-    """These tests pin down the reference semantics; other backends are held to it by the
-    parity suite (tests/test_parity.py)."""
-    with v4k.use_backend("reference", ops=("window_indices", "compressed_indices")):
+def _reference_backend(reference_backend_for):
+    with reference_backend_for(("window_indices", "compressed_indices")):
         yield
 
 # --------------------------------------------------------------------- hand-derived lists, SPEC §8.2

@@ -18,12 +18,7 @@ from v4kernels.testing.cases.mhc import (
     naive_sinkhorn,
 )
 
-@pytest.fixture(autouse=True)
-def _reference_semantics():
-    """These tests pin the reference semantics; other backends are checked against the reference
-    by tests/test_parity.py."""
-    with v4k.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 MHC_OPS = ("hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head")

@@ -18,12 +18,7 @@ from v4kernels.testing.cases.quant import (
     naive_pow2_exponent,
 )
 
-@pytest.fixture(autouse=True)
-def _reference_semantics():
-    """These tests pin the reference semantics; other backends are checked against the reference
-    by tests/test_parity.py."""
-    with v4k.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]

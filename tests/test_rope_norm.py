@@ -8,12 +8,7 @@ import torch
 import v4kernels as v4k
 from v4kernels.testing.cases.rope_norm import naive_apply_rope, naive_rms_norm
 
-@pytest.fixture(autouse=True)
-def _reference_semantics():
-    """These tests pin the reference semantics; other backends are checked against the reference
-    by tests/test_parity.py."""
-    with v4k.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 POSITIONS = [0, 1, 127, 128, 65535, 65536, 1_000_000]

@@ -59,10 +59,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  {b.name:10s} {b.description}\n  {'':10s} devices: {devs}")
     device = args.device
     table = _registry.available_backends(device=device)
-    print(f"\nper op on device '{device}' (+ = usable; otherwise the reason):")
+    print(f"\nusable backends per op on device '{device}', in the order dispatch tries them:")
     names = list(_registry.BACKENDS)
     for op in sorted(table):
-        usable = [n for n in names if not table[op][n]]
+        dev_type = torch.device(device).type
+        order = {b.name: i for i, b in enumerate(_registry.candidates(op, dev_type))}
+        usable = sorted((n for n in names if not table[op][n]), key=lambda n: order.get(n, len(order)))
+        usable = [n if n in order else f"{n} (forced only)" for n in usable]
         print(f"  {op:22s} usable: {', '.join(usable) or 'none'}")
         if args.verbose:
             for n in names:
