@@ -21,6 +21,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace v4k_cpu {
 
@@ -39,6 +42,17 @@ typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  // unaligned access
 
 static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+// a * b + c with one rounding where the ISA has FMA (explicit, so that every instantiation of a
+// kernel performs the same operations whatever the compiler's contraction choices).
+static inline vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__) && defined(__AVX__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
 static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 static inline vf vbcast(float x) { return vf{} + x; }
 static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
@@ -329,5 +343,11 @@ static inline void round_through(float* x, int dtype, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] = f16_to_f32(f32_to_f16(x[i]));
   }
 }
+
+// Small-M GEMMs straight from packed FP8 / FP4 weights (gemm.cpp; GemmJob is in kernels.h).
+// Every job's weight must be W_FP8 or W_FP4. C[m, n] is computed by an operation sequence that
+// depends only on (A row m, weight row n): never on M, on the job mix or on the thread count.
+struct GemmJob;
+void gemm_direct(const GemmJob* jobs, int njobs);
 
 }  // namespace v4k_cpu
