@@ -51,3 +51,18 @@ def test_demo_runs_and_reports():
     assert r["parity"]["ok"], r["parity"]
     assert "sparse_attn" in r["decode_usage"] and "indexer_topk" in r["prefill_usage"]
     assert len(r["decode_s"]) == 3 and all(b > 0 for b in r["cache_bytes"])
+
+
+def test_hf_variant_without_quant_simulation_differs_slightly():
+    from v4kernels.layers.attention import V4Attention
+
+    total = 40
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, total, TINY.dim, generator=g).to(torch.bfloat16)
+    outs = []
+    for sim in (True, False):
+        attn = V4Attention(TINY, 4, seed=1, simulate_quant=sim)
+        with torch.inference_mode():
+            outs.append(attn(x, attn.new_cache(1, total), 0).float())
+    cos = torch.nn.functional.cosine_similarity(outs[0].flatten(), outs[1].flatten(), dim=0)
+    assert not torch.equal(outs[0], outs[1]) and cos > 0.98, float(cos)

@@ -91,11 +91,14 @@ class V4Attention(nn.Module):
     """Attention of one V4 layer with compress ratio 0, 4 (CSA) or 128 (HCA).
 
     ``forward(x [B,S,D], cache, start_pos)`` supports a prefill from position 0 (S >= 1) and
-    single-token decode (S == 1) at ``start_pos == cache.pos``.
+    single-token decode (S == 1) at ``start_pos == cache.pos``. ``simulate_quant=False`` is the
+    [HF] variant (SPEC §15 #5, #8): no FP8 simulation of the window and compressed KV, no
+    Hadamard/FP4 simulation in the indexer.
     """
 
-    def __init__(self, cfg: V4Config, ratio: int, seed: int = 0) -> None:
+    def __init__(self, cfg: V4Config, ratio: int, seed: int = 0, simulate_quant: bool = True) -> None:
         super().__init__()
+        self.simulate_quant = simulate_quant
         if ratio not in (0, 4, 128):
             raise ValueError(f"V4Attention: ratio must be 0, 4 or 128, got {ratio}")
         g = torch.Generator().manual_seed(seed)
@@ -147,7 +150,8 @@ class V4Attention(nn.Module):
         # window K=V (SPEC §5.3): RoPE on the rope dims, FP8 QAT simulation on the nope dims
         kv = v4k.rms_norm(self.wkv(x), self.kv_norm, cfg.norm_eps)
         kv = v4k.apply_rope(kv.unsqueeze(2), positions, self.freqs).squeeze(2)
-        kv = torch.cat((v4k.act_quant_roundtrip(kv[..., : cfg.nope_dim], 64), kv[..., cfg.nope_dim :]), dim=-1)
+        if self.simulate_quant:
+            kv = torch.cat((v4k.act_quant_roundtrip(kv[..., : cfg.nope_dim], 64), kv[..., cfg.nope_dim :]), dim=-1)
 
         start = [start_pos] * b
         offset = w if decode else s  # where compressed entries start in the KV buffer (SPEC §8)
@@ -159,8 +163,8 @@ class V4Attention(nn.Module):
         if self.ratio == 4:
             # lightning indexer (SPEC §7): its own compressor runs first, then scoring + top-k
             qi = self.index_wq_b(qr).view(b, s, cfg.index_n_heads, cfg.index_head_dim)
-            qi = v4k.indexer_query(qi, positions, self.freqs)
-            keys, n_new = self.index_compressor(x, self.freqs, cache.index_compressor, "fp4")
+            qi = v4k.indexer_query(qi, positions, self.freqs, rotate=self.simulate_quant, simulate_fp4=self.simulate_quant)
+            keys, n_new = self.index_compressor(x, self.freqs, cache.index_compressor, "fp4" if self.simulate_quant else "none")
             first = start_pos // 4
             n = int(n_new[0])
             if n:
@@ -175,7 +179,7 @@ class V4Attention(nn.Module):
             idx_parts.append(v4k.compressed_indices(start, s, 128, offset, mode=mode))
 
         if self.ratio:
-            entries, n_new = self.compressor(x, self.freqs, cache.compressor, "fp8")
+            entries, n_new = self.compressor(x, self.freqs, cache.compressor, "fp8" if self.simulate_quant else "none")
             first = start_pos // self.ratio
             n = int(n_new[0])
             if n:
