@@ -260,6 +260,78 @@ def test_block_scaled_gemms(m):
     torch.testing.assert_close(out4.double(), af @ bf.T, atol=1e-3, rtol=1e-5)
 
 
+def _fp8_codes(g, n, k, nan_at=None):
+    """Every finite e4m3fn code (both signs, subnormals, ±448) at random, as float8 [n, k]."""
+    codes = torch.randint(0, 256, (n, k), generator=g, dtype=torch.int32)
+    codes[(codes & 0x7F) == 0x7F] -= 1  # 0x7f / 0xff are NaN
+    if nan_at is not None:
+        codes[nan_at] = 0xFF
+    return codes.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def _assert_gemm_close(out, af, wf):
+    # fp32 sums in any order against fp64: a few ulps of Σ|a·w| (SPEC §4.6 accumulates in fp32)
+    ref = af @ wf.T
+    bound = 3e-6 * (af.abs() @ wf.abs().T) + 1e-30
+    err = (out.double() - ref).abs()
+    assert bool((err <= bound).all()), f"max excess {float((err - bound).max())}"
+
+
+@needs_ext
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13])
+def test_direct_gemm_decode_shapes(m):
+    """The direct small-M kernels: every e4m3 code (subnormals, signs), per-(128x128) scales that are
+    not powers of two, row tails (N % 4), the FP8 K tail (K % 16) and partial scale blocks, FP4
+    nibble order and per-row 1x32 scales, activation-row tiles of 4 plus 1..3."""
+    g = torch.Generator().manual_seed(100 + m)
+    n, k8, k4 = 203, 392, 416
+    a, a_s = v4k.act_quant(torch.randn(m, 512, generator=g) * 3, 128)  # K = 392: quantise padded
+    af = v4k.act_dequant(a, a_s, 128, torch.float32).double()[:, :k8]
+    a = a[:, :k8].contiguous()
+    wq = _fp8_codes(g, n, k8)
+    w_s = torch.rand(2, 4, generator=g) + 0.25
+    wf = wq.double() * w_s.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k8]
+    _assert_gemm_close(torch.ops.v4k_cpu.fp8_gemm(a, a_s, wq, w_s, torch.float32), af, wf)
+
+    a, a_s = v4k.act_quant(torch.randn(m, 512, generator=g), 128)  # K = 416 (13 FP4 blocks)
+    af = v4k.act_dequant(a, a_s, 128, torch.float32).double()[:, :k4]
+    a = a[:, :k4].contiguous()
+    b4 = torch.randint(0, 256, (n, k4 // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+    b4_s = 2.0 ** torch.randint(-8, 3, (n, k4 // 32), generator=g).float()
+    bf = v4k.fp4_act_dequant(b4, b4_s, 32, torch.float32).double()
+    _assert_gemm_close(torch.ops.v4k_cpu.fp4_gemm(a, a_s, b4, b4_s, torch.float32), af, bf)
+
+
+@needs_ext
+def test_direct_gemm_rows_independent_of_m():
+    """Row m of the result is bit-identical whether it is computed alone or inside a batch of any
+    size (the tiling over activation rows never changes a row's summation order)."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 70, 512
+    a, a_s = v4k.act_quant(torch.randn(11, k, generator=g), 128)
+    wq = _fp8_codes(g, n, k)
+    w_s = torch.rand(1, 4, generator=g) + 0.5
+    b4 = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+    b4_s = 2.0 ** torch.randint(-6, 0, (n, k // 32), generator=g).float()
+    for op, w, ws in ((torch.ops.v4k_cpu.fp8_gemm, wq, w_s), (torch.ops.v4k_cpu.fp4_gemm, b4, b4_s)):
+        full = op(a, a_s, w, ws, torch.float32)
+        for lo, hi in ((0, 1), (3, 4), (1, 6), (4, 11), (2, 9)):
+            assert torch.equal(op(a[lo:hi], a_s[lo:hi], w, ws, torch.float32), full[lo:hi])
+
+
+@needs_ext
+@pytest.mark.parametrize("m", [1, 6])
+def test_direct_fp8_gemm_nan_codes(m):
+    """An e4m3fn NaN code (0x7f / 0xff) poisons exactly its output column, as in the reference."""
+    g = torch.Generator().manual_seed(9)
+    n, k = 9, 256
+    a, a_s = v4k.act_quant(torch.randn(m, k, generator=g), 128)
+    wq = _fp8_codes(g, n, k, nan_at=(6, 200))
+    out = torch.ops.v4k_cpu.fp8_gemm(a, a_s, wq, torch.ones(1, 2), torch.float32)
+    assert bool(torch.isnan(out[:, 6]).all())
+    assert bool(torch.isfinite(out[:, [0, 1, 2, 3, 4, 5, 7, 8]]).all())
+
+
 # ------------------------------------------------------------------------------ moe_experts
 def _moe_weights(g, fmt, e, i, d):
     from v4kernels.ops.moe.reference import quantize_fp4_rows, quantize_fp8_blocks
@@ -322,6 +394,26 @@ def test_moe_experts_weight_position_and_clamp(after):
     other, _ = _moe_both(x, wts, ids, weights, swiglu_limit=1.5, weight_after_w2=not after, out_dtype=torch.float32)
     unclamped, _ = _moe_both(x, wts, ids, weights, swiglu_limit=0.0, weight_after_w2=after, out_dtype=torch.float32)
     assert not torch.equal(other, out) and not torch.equal(unclamped, out)
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_moe_experts_decode_tokens_independent(fmt):
+    """Decode-sized calls (T = 1 .. 4) match the reference, and every token's output is
+    bit-identical whether it runs alone or batched with others routed to the same experts."""
+    g = torch.Generator().manual_seed(21)
+    t, e, k, d, i = 7, 5, 3, 256, 384
+    x = torch.randn(t, d, generator=g).bfloat16()
+    wts = torch.rand(t, k, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).int()
+    ids[5, 1] = -1
+    weights = _moe_weights(g, fmt, e, i, d)
+    full, ref = _moe_both(x, wts, ids, weights, out_dtype=torch.float32)
+    _check_close(full, ref.double(), torch.bfloat16)
+    for lo, hi in ((0, 1), (3, 4), (1, 5), (5, 7)):
+        part, ref_part = _moe_both(x[lo:hi], wts[lo:hi], ids[lo:hi], weights, out_dtype=torch.float32)
+        assert torch.equal(part, full[lo:hi])
+        _check_close(part, ref_part.double(), torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------ compress_kv

@@ -1,6 +1,7 @@
-// Block-scaled FP8 / FP4 weight decoding and the small-M GEMM used by fp8_gemm, fp4_gemm and
-// moe_experts (SPEC §4.6, §4.7, §11.3). Weights stay in their storage format; each row is
-// decoded to fp32 (with its block scales applied) right before it is used.
+// Block-scaled FP8 / FP4 weight decoding and the GEMMs used by fp8_gemm, fp4_gemm, moe_experts
+// and compress_kv (SPEC §4.6, §4.7, §11.3). Weights stay in their storage format: small-M GEMMs
+// on FP8/FP4 weights compute straight from the packed bytes (gemm_direct, at the end); otherwise
+// each row is decoded to fp32 (with its block scales applied) right before it is used.
 #include <algorithm>
 
 #include "common.h"
@@ -66,6 +67,11 @@ void dequant_weight(const WeightView& w, int64_t e, float* out) {
 }
 
 void weight_gemm_small(const float* A, int64_t M, const WeightView& w, int64_t e, float* C) {
+  if (w.kind == W_FP8 || w.kind == W_FP4) {  // straight from the packed weight
+    const GemmJob job{A, M, w.cols, w, e, C, w.rows};
+    gemm_direct(&job, 1);
+    return;
+  }
   const int64_t R = w.rows;
   constexpr int64_t NB = 16;
   const int64_t nb = (R + NB - 1) / NB;
@@ -172,6 +178,248 @@ void gemm_panels(const GemmJob* jobs, int njobs) {
       }
       panel_rows(jb.A, jb.M, jb.lda, panel, K, jb.C + n0, jb.ldc, nc);
     }
+  }
+}
+
+}  // namespace v4k_cpu
+
+// ------------------------------------------------------------------------------------------
+// Direct small-M GEMM from packed FP8 / FP4 weights (fp8_gemm / fp4_gemm below M = 32, the
+// quantised experts of moe_experts).
+//
+// At decode sizes the GEMM is bound by weight traffic, so weights are never written out as fp32:
+// each tile decodes DRN weight rows block by block in registers and multiplies them straight into
+// the accumulators of up to DMT activation rows; the packed rows stream from memory once per DMT
+// activation rows. Decoded values equal the reference's dequantisation exactly (SPEC §4.6, §4.7):
+// FP4 looks its nibbles up in the 16-entry e2m1 table pre-multiplied by the block's scale (the
+// same product kFp4[c]·s); FP8 maps e4m3 onto fp16 bits (exponent re-biased by 2^-8, subnormals
+// included) and multiplies by 256·s, one rounding of the same exact product as kFp8[b]·s.
+//
+// Summation order, per output element (m, n): one VW-lane fp32 accumulator takes FMAs in k order
+// (FP4 blocks: the 16 low-nibble elements, then the 16 high-nibble ones, against activations
+// stored in that order), then the lanes are summed in order (FP8: plus a scalar tail for K % VW).
+// It depends only on (m, n), never on M, the tile shape, the job mix or the thread count, so a
+// token's expert output does not change with the other tokens routed to the same expert.
+namespace v4k_cpu {
+namespace {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define V4K_DIRECT_AVX512 1
+#endif
+
+constexpr int DRN = 4;   // weight rows per tile
+constexpr int DMT = 4;   // activation rows per tile
+constexpr int64_t DRC = 32;  // weight rows per parallel work unit
+
+// The 32 weights of one FP4 block (16 packed bytes, scale s) as 32/VW vectors in nibble order.
+inline void fp4_block(const uint8_t* p, float s, vf* out) {
+#ifdef V4K_DIRECT_AVX512
+  // (maskz forms: GCC 12 warns about the plain intrinsics' undefined pass-through operand)
+  const __m512i c = _mm512_maskz_cvtepu8_epi32(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512 lut = _mm512_mul_ps(_mm512_loadu_ps(kFp4), _mm512_set1_ps(s));
+  out[0] = (vf)_mm512_maskz_permutexvar_ps(0xffff, c, lut);  // vpermps reads the index's low 4 bits
+  out[1] = (vf)_mm512_maskz_permutexvar_ps(0xffff, (__m512i)((vu)c >> 4u), lut);
+#else
+  alignas(64) float t[32];
+  for (int j = 0; j < 16; ++j) {
+    t[j] = kFp4[p[j] & 0xf] * s;
+    t[16 + j] = kFp4[p[j] >> 4] * s;
+  }
+  for (int v = 0; v < 32 / VW; ++v) out[v] = vload(t + v * VW);
+#endif
+}
+
+// Broadcast factor of an FP8 block scale for fp8_vec.
+inline vf fp8_factor(float s) {
+#ifdef V4K_DIRECT_AVX512
+  return vbcast(256.0f * s);
+#else
+  return vbcast(s);
+#endif
+}
+
+// Whether any of the n e4m3 bytes at p is a NaN code (0x7f / 0xff, i.e. |code| = 0x7f).
+inline bool fp8_has_nan(const uint8_t* p, int64_t n) {
+  int64_t i = 0;
+  uint8_t mx = 0;
+#ifdef V4K_DIRECT_AVX512
+  const __m512i q = _mm512_set1_epi8(0x7f);
+  __m512i v = _mm512_setzero_si512();
+  for (; i + 64 <= n; i += 64)
+    v = _mm512_max_epu8(v, _mm512_and_si512(_mm512_loadu_si512(reinterpret_cast<const void*>(p + i)), q));
+  if (_mm512_cmpeq_epi8_mask(v, q) != 0) return true;
+#endif
+  for (; i < n; ++i) mx = std::max<uint8_t>(mx, p[i] & 0x7f);
+  return mx == 0x7f;
+}
+
+// VW e4m3 weights times their block scale (f = fp8_factor(scale)); NaN codes decode to NaN only
+// when `nan` is set (fp8_has_nan of the block), so the common case skips the fix-up.
+inline vf fp8_vec(const uint8_t* p, vf f, bool nan) {
+#ifdef V4K_DIRECT_AVX512
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  // sign-extend to 16 bits and shift by 7: bit 15 = sign, bits 13..7 = exponent and mantissa,
+  // bit 14 (a copy of the sign) cleared -> the fp16 value 2^-8 times the e4m3 value
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16(-0x4001));
+  const __m512 v = _mm512_mul_ps(_mm512_maskz_cvtph_ps(0xffff, h), (__m512)f);
+  if (!nan) return (vf)v;
+  const __m128i q = _mm_set1_epi8(0x7f);
+  const __mmask16 bad = _mm_cmpeq_epi8_mask(_mm_and_si128(b, q), q);
+  return (vf)_mm512_mask_mov_ps(v, bad, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+#else
+  (void)nan;
+  vf v;
+  for (int l = 0; l < VW; ++l) v[l] = kFp8.v[p[l]];
+  return v * f;
+#endif
+}
+
+// C[m, r] (row stride ldc) for RN weight rows and MT activation rows (A in nibble order).
+template <int RN, int MT>
+void fp4_tile(const float* A, int64_t lda, const uint8_t* W, const float* S, int64_t K, float* C, int64_t ldc) {
+  constexpr int NV = 32 / VW;
+  const int64_t ldw = K / 2, lds = K / 32;
+  vf acc[RN][MT];
+  for (int r = 0; r < RN; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = vf{};
+  for (int64_t b = 0; b < K / 32; ++b) {
+    vf w[RN][NV];
+    for (int r = 0; r < RN; ++r) fp4_block(W + r * ldw + 16 * b, S[r * lds + b], w[r]);
+    for (int v = 0; v < NV; ++v)
+      for (int m = 0; m < MT; ++m) {
+        const vf a = vload(A + m * lda + 32 * b + v * VW);
+        for (int r = 0; r < RN; ++r) acc[r][m] = vfma(w[r][v], a, acc[r][m]);
+      }
+  }
+  for (int r = 0; r < RN; ++r)
+    for (int m = 0; m < MT; ++m) C[m * ldc + r] = vsum(acc[r][m]);
+}
+
+// Columns [k0, k1) of one 128-column scale block of an fp8_tile.
+template <int RN, int MT, bool NAN_CODES>
+inline void fp8_steps(const float* A, int64_t lda, const uint8_t* W, int64_t K, int64_t k0, int64_t k1, const vf* f,
+                      vf (*acc)[MT]) {
+  for (int64_t k = k0; k < k1; k += VW) {
+    vf w[RN];
+    for (int r = 0; r < RN; ++r) w[r] = fp8_vec(W + r * K + k, f[r], NAN_CODES);
+    for (int m = 0; m < MT; ++m) {
+      const vf a = vload(A + m * lda + k);
+      for (int r = 0; r < RN; ++r) acc[r][m] = vfma(w[r], a, acc[r][m]);
+    }
+  }
+}
+
+// Same for e4m3 rows W + r·K with scale rows S[r] (one scale per 128 columns).
+template <int RN, int MT>
+void fp8_tile(const float* A, int64_t lda, const uint8_t* W, const float* const* S, int64_t K, float* C,
+              int64_t ldc) {
+  const int64_t Kv = K / VW * VW;
+  vf acc[RN][MT];
+  for (int r = 0; r < RN; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = vf{};
+  // rows holding a NaN code (never in a sane checkpoint) take the lane fix-up in every step
+  const bool nan = fp8_has_nan(W, RN * K);
+  for (int64_t k0 = 0; k0 < Kv; k0 += 128) {
+    const int64_t k1 = std::min<int64_t>(Kv, k0 + 128);
+    vf f[RN];
+    for (int r = 0; r < RN; ++r) f[r] = fp8_factor(S[r][k0 / 128]);
+    if (!nan) {
+      fp8_steps<RN, MT, false>(A, lda, W, K, k0, k1, f, acc);
+    } else {
+      fp8_steps<RN, MT, true>(A, lda, W, K, k0, k1, f, acc);
+    }
+  }
+  for (int r = 0; r < RN; ++r)
+    for (int m = 0; m < MT; ++m) {
+      float s = vsum(acc[r][m]);
+      for (int64_t k = Kv; k < K; ++k) s = std::fma(A[m * lda + k], kFp8.v[W[r * K + k]] * S[r][k / 128], s);
+      C[m * ldc + r] = s;
+    }
+}
+
+// One job as the tiles see it (A already in nibble order for FP4).
+struct DirectJob {
+  const float* A;
+  int64_t M, lda;
+  WeightView w;
+  int64_t e;
+  float* C;
+  int64_t ldc;
+};
+
+template <int RN, int MT>
+void direct_tile(const DirectJob& d, int64_t n, int64_t m) {
+  const WeightView& w = d.w;
+  const int64_t R = w.rows, K = w.cols;
+  const float* A = d.A + m * d.lda;
+  float* C = d.C + m * d.ldc + n;
+  if (w.kind == W_FP4) {
+    fp4_tile<RN, MT>(A, d.lda, static_cast<const uint8_t*>(w.data) + (d.e * R + n) * (K / 2),
+                     w.scales + (d.e * R + n) * (K / 32), K, C, d.ldc);
+  } else {
+    const int64_t kb = (K + 127) / 128, rb = (R + 127) / 128;
+    const float* S[RN];
+    for (int r = 0; r < RN; ++r) S[r] = w.scales + (d.e * rb + (n + r) / 128) * kb;
+    fp8_tile<RN, MT>(A, d.lda, static_cast<const uint8_t*>(w.data) + (d.e * R + n) * K, S, K, C, d.ldc);
+  }
+}
+
+template <int RN>
+void direct_rows(const DirectJob& d, int64_t n) {
+  int64_t m = 0;
+  for (; m + DMT <= d.M; m += DMT) direct_tile<RN, DMT>(d, n, m);
+  switch (d.M - m) {
+    case 3: direct_tile<RN, 3>(d, n, m); break;
+    case 2: direct_tile<RN, 2>(d, n, m); break;
+    case 1: direct_tile<RN, 1>(d, n, m); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void gemm_direct(const GemmJob* jobs, int njobs) {
+  std::vector<DirectJob> dj(njobs);
+  std::vector<std::vector<float>> nib(njobs);  // FP4 activations in nibble order
+  std::vector<int64_t> first(njobs + 1, 0);    // first work unit of each job
+  int64_t work = 0;
+  for (int j = 0; j < njobs; ++j) {
+    const GemmJob& g = jobs[j];
+    dj[j] = {g.A, g.M, g.lda, g.w, g.e, g.C, g.ldc};
+    const int64_t K = g.w.cols;
+    if (g.w.kind == W_FP4 && g.M > 0) {
+      const GemmJob* prev = j > 0 ? &jobs[j - 1] : nullptr;
+      if (prev && prev->w.kind == W_FP4 && prev->A == g.A && prev->M == g.M && prev->lda == g.lda &&
+          prev->w.cols == K) {
+        dj[j].A = dj[j - 1].A;  // w1 / w3 of one expert share their input
+      } else {
+        nib[j].resize(g.M * K);
+        for (int64_t m = 0; m < g.M; ++m) {
+          const float* a = g.A + m * g.lda;
+          float* o = nib[j].data() + m * K;
+          for (int64_t b = 0; b < K; b += 32)
+            for (int64_t i = 0; i < 16; ++i) {
+              o[b + i] = a[b + 2 * i];
+              o[b + 16 + i] = a[b + 2 * i + 1];
+            }
+        }
+        dj[j].A = nib[j].data();
+      }
+      dj[j].lda = K;
+    }
+    first[j + 1] = first[j] + (g.M > 0 ? (g.w.rows + DRC - 1) / DRC : 0);
+    work += g.M * g.w.rows * K;
+  }
+  const int64_t total = first[njobs];
+#pragma omp parallel for schedule(dynamic, 1) if (work > (int64_t(1) << 16))
+  for (int64_t p = 0; p < total; ++p) {
+    int j = 0;
+    while (first[j + 1] <= p) ++j;
+    const DirectJob& d = dj[j];
+    const int64_t n0 = (p - first[j]) * DRC, n1 = std::min(d.w.rows, n0 + DRC);
+    int64_t n = n0;
+    for (; n + DRN <= n1; n += DRN) direct_rows<DRN>(d, n);
+    for (; n < n1; ++n) direct_rows<1>(d, n);
   }
 }
 
