@@ -589,3 +589,115 @@ def test_hc_post_formula_variants(hc, d, dtype, bf16_mix):
             _check_close(out, a + r, dtype)
         else:  # each term may sit 1 ulp apart from the float64 rounding
             torch.testing.assert_close(out.double(), a + r, atol=0, rtol=2.0**-7)
+
+
+# ------------------------------------------------------------------------------ grouped_linear
+_GL_DT = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+
+
+def _gl_inputs(gen, b, s, g, din, dout, xdt, wdt):
+    x = torch.randn(b, s, g, din, generator=gen).to(xdt)
+    w = (torch.randn(g, dout, din, generator=gen) * din**-0.5).to(wdt)
+    return x, w
+
+
+def _gl_fp64(x, w):
+    return torch.einsum("bsgk,gnk->bsgn", x.double(), w.double())
+
+
+@needs_ext
+@pytest.mark.parametrize("b,s,g,din,dout", [
+    (1, 1, 1, 37, 13),     # K tail of 37 % 16, one row tile + 1 tail row
+    (3, 1, 16, 100, 33),   # 16 groups, 3 tokens (tile of 2/4 + tail), 33 rows (32-row unit + 1)
+    (1, 17, 3, 256, 70),   # 17 tokens, no K tail, 70 rows
+    (1, 1, 8, 512, 64),    # decode at Flash's group count
+    (4, 25, 2, 53, 45),    # 100 tokens: panel GEMM path, K and panel tails
+])
+@pytest.mark.parametrize("xd,wd", [("bf16", "bf16"), ("f16", "f16"), ("f32", "f32"), ("bf16", "f32"),
+                                   ("f32", "bf16"), ("bf16", "f16")])
+def test_grouped_linear_matches_fp64(b, s, g, din, dout, xd, wd):
+    """y[b,s,g] = W_g · x[b,s,g] (SPEC §9.4) against float64 for every storage pair, both paths
+    (direct below 96 tokens, panel GEMM above), with K / row / token tails and 1..16 groups."""
+    from v4kernels.ops.attention.cpu import GROUPED_DIRECT_MAX_T
+    assert (b * s >= GROUPED_DIRECT_MAX_T) == (b * s == 100)
+    gen = torch.Generator().manual_seed(b * 1000 + s * 100 + g * 10 + din + dout)
+    x, w = _gl_inputs(gen, b, s, g, din, dout, _GL_DT[xd], _GL_DT[wd])
+    out = torch.ops.v4k_cpu.grouped_linear(x, w)
+    assert out.dtype == x.dtype and out.shape == (b, s, g, dout)
+    _check_close(out, _gl_fp64(x, w), x.dtype)
+    # the public op dispatches here and agrees with the reference backend
+    y = v4k.grouped_linear(x, w)
+    assert R.last_backend("grouped_linear") == "cpu" and torch.equal(y, out)
+    with R.use_backend("reference", "grouped_linear"):
+        ref = v4k.grouped_linear(x, w)
+    tol = R.get_backend("cpu").tolerances[x.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol.atol, rtol=tol.rtol)
+
+
+@needs_ext
+def test_grouped_linear_flash_decode_shape():
+    """Flash's wo_a at decode (G=8, Din=4096, bf16; Dout cut to 96) for 1 and 4 tokens, fp32 out
+    checked tightly against float64."""
+    gen = torch.Generator().manual_seed(8)
+    x, w = _gl_inputs(gen, 1, 4, 8, 4096, 96, torch.float32, torch.bfloat16)
+    for t in (1, 4):
+        out = torch.ops.v4k_cpu.grouped_linear(x[:, :t].contiguous(), w)
+        torch.testing.assert_close(out.double(), _gl_fp64(x[:, :t], w), atol=2e-6, rtol=2e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("t", [11, 130])
+def test_grouped_linear_rows_independent_of_tokens_and_threads(t):
+    """A token's output is bit-identical alone, inside any batch (on one path) and for 1 or 2
+    threads: the summation order is fixed per output element."""
+    gen = torch.Generator().manual_seed(t)
+    x, w = _gl_inputs(gen, 1, t, 3, 4 * 16 + 7, 41, torch.float32, torch.bfloat16)
+    full = torch.ops.v4k_cpu.grouped_linear(x, w)
+    subs = ((0, 1), (3, 4), (1, 6), (4, 11), (2, 9)) if t < 96 else ((0, 100), (7, 120), (30, 130))
+    for lo, hi in subs:
+        assert torch.equal(torch.ops.v4k_cpu.grouped_linear(x[:, lo:hi].contiguous(), w), full[:, lo:hi])
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.v4k_cpu.grouped_linear(x, w)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, full)
+
+
+@needs_ext
+def test_grouped_linear_nonfinite_subnormal_empty():
+    """Parity edges: a NaN input element poisons only its (token, group) row and an inf weight
+    only its output column; fp16 subnormal weights decode exactly; fp32 sums beyond the fp16
+    range round once to inf; empty token / output / input dims give empty or zero results."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = _gl_inputs(gen, 2, 3, 2, 40, 20, torch.float32, torch.bfloat16)
+    x[1, 2, 0, 33] = float("nan")  # in the K tail of 40 % 16
+    w[1, 5, 7] = float("inf")
+    out = torch.ops.v4k_cpu.grouped_linear(x, w)
+    bad = torch.zeros_like(out, dtype=torch.bool)
+    bad[1, 2, 0, :] = True
+    bad[:, :, 1, 5] = True
+    assert torch.equal(~torch.isfinite(out), bad)
+    assert torch.equal(torch.isnan(out), torch.isnan(_gl_fp64(x, w)))
+
+    # fp16 subnormal weights (2^-24 .. 2^-15) times powers of two: every product and sum exact
+    codes = torch.randint(1, 0x400, (1, 19, 37), generator=gen, dtype=torch.int32).to(torch.int16)
+    wsub = codes.view(torch.float16)
+    xp = 2.0 ** torch.randint(0, 8, (1, 1, 1, 37), generator=gen).float()
+    ref = _gl_fp64(xp, wsub)
+    assert torch.equal(torch.ops.v4k_cpu.grouped_linear(xp, wsub).double(), ref)
+    assert torch.equal(torch.ops.v4k_cpu.grouped_linear(xp.half(), wsub), ref.half())
+
+    big = torch.full((1, 1, 1, 33), 300.0, dtype=torch.float16)
+    wb = torch.full((1, 2, 33), 10.0, dtype=torch.float16)
+    wb[0, 1] = -1.0
+    assert torch.ops.v4k_cpu.grouped_linear(big, wb).tolist() == [[[[float("inf"), -9904.0]]]]  # -9900 rounded once
+
+    assert torch.ops.v4k_cpu.grouped_linear(torch.zeros(2, 0, 3, 8), torch.ones(3, 5, 8)).shape == (2, 0, 3, 5)
+    assert v4k.grouped_linear(torch.ones(1, 2, 3, 8), torch.ones(3, 0, 8)).shape == (1, 2, 3, 0)
+    z = v4k.grouped_linear(torch.ones(1, 2, 3, 0, dtype=torch.bfloat16), torch.ones(3, 4, 0))
+    assert z.dtype == torch.bfloat16 and torch.equal(z, torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16))
+    from v4kernels.ops.attention.cpu import _grouped_linear_supports
+    assert _grouped_linear_supports(torch.ones(1, 1, 1, 2, dtype=torch.float64), torch.ones(1, 1, 2)) != []
+    assert _grouped_linear_supports(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 2, dtype=torch.float16)) == []

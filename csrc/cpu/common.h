@@ -205,6 +205,19 @@ static inline vh vbf16(vf v) {
   return __builtin_convertvector((q & nan) | (r & ~nan), vh);
 }
 
+// VW fp16 values -> fp32 (exact, subnormals included): vcvtph2ps where the ISA has it.
+static inline vf vload_f16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__) && defined(__AVX__)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vf r;
+  for (int l = 0; l < VW; ++l) r[l] = f16_to_f32(p[l]);
+  return r;
+#endif
+}
+
 // VW values of a float storage type at element offset i -> fp32.
 static inline vf vload_as(const void* src, int dtype, int64_t i) {
   if (dtype == F32) return vload(static_cast<const float*>(src) + i);

@@ -66,6 +66,15 @@ struct GemmJob {
 // Runs all jobs in one parallel region (work split over panels of weight rows).
 void gemm_panels(const GemmJob* jobs, int njobs);
 
+// grouped_linear (SPEC §9.4): out [T, G, N] (x dtype) = x [T, G, K] · weight[g]ᵀ per group g,
+// weight [G, N, K]; x and weight in float storage codes (F32/BF16/F16, may differ), fp32
+// accumulation, one rounding. T below kGroupedDirectMaxT streams the weight once from its
+// storage format (each output one fixed operation sequence, independent of T and threads);
+// larger T runs gemm_panels per group.
+constexpr int64_t kGroupedDirectMaxT = 96;
+void grouped_linear(const void* x, int x_dtype, const void* w, int w_dtype, int64_t T, int64_t G, int64_t K,
+                    int64_t N, void* out);
+
 // moe_experts (SPEC §11.3-11.4): x [T,D] (float code), weights fp32 [T,k], ids int32 [T,k]
 // (−1 = skip), w1/w3 [E,I,D], w2 [E,D,I]; out fp32 [T,D]. The input of every quantised (FP8/FP4)
 // weight goes through the FP8 act_quant roundtrip (block 128, pow2 scales) first.

@@ -262,6 +262,26 @@ Tensor fp4_gemm(const Tensor& a, const Tensor& a_s, const Tensor& b, const Tenso
   return weight_gemm(af, w, 0).to(out_dtype);
 }
 
+// ------------------------------------------------------------------------------ grouped_linear
+// x [B,S,G,Din] float, weight [G,Dout,Din] float (any of fp32/bf16/fp16) -> [B,S,G,Dout] x.dtype.
+Tensor grouped_linear(const Tensor& x, const Tensor& weight) {
+  const char* op = "grouped_linear";
+  check_cpu(x, op, "x");
+  check_cpu(weight, op, "weight");
+  TORCH_CHECK(x.dim() == 4, "v4k_cpu::grouped_linear: x must be [B,S,G,Din], got ", x.sizes());
+  const int64_t B = x.size(0), S = x.size(1), G = x.size(2), K = x.size(3);
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == G && weight.size(2) == K,
+              "v4k_cpu::grouped_linear: weight must be [G=", G, ", Dout, Din=", K, "], got ", weight.sizes());
+  const int xd = float_code(x, op, "x"), wd = float_code(weight, op, "weight");
+  const int64_t N = weight.size(1);
+  auto xc = x.contiguous();
+  auto wc = weight.contiguous();
+  auto out = at::empty({B, S, G, N}, x.options());
+  if (out.numel() == 0) return out;
+  v4k_cpu::grouped_linear(xc.data_ptr(), xd, wc.data_ptr(), wd, B * S, G, K, N, out.data_ptr());
+  return out;
+}
+
 // ------------------------------------------------------------------------------ moe
 // An expert weight stack [E, rows, cols] (FP4: [E, rows, cols/2] packed) in its storage format,
 // with the contiguous tensors it points into kept alive.
@@ -437,6 +457,7 @@ TORCH_LIBRARY(v4k_cpu, m) {
   m.def("fp4_gemm(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) -> Tensor");
   m.def("moe_experts(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w1, Tensor? w1_s, Tensor w3, Tensor? w3_s, Tensor w2, Tensor? w2_s, float swiglu_limit, bool weight_after_w2, ScalarType out_dtype) -> Tensor");
   m.def("compress_kv(Tensor x, Tensor wkv, Tensor wgate, Tensor ape, Tensor norm_weight, Tensor freqs, Tensor pending_kv, Tensor pending_score, Tensor prev_kv, Tensor prev_score, Tensor n_tokens, int ratio, str quant, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("grouped_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("hc_head(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float norm_eps, float hc_eps) -> Tensor");
 }
 
@@ -452,6 +473,7 @@ TORCH_LIBRARY_IMPL(v4k_cpu, CPU, m) {
   m.impl("moe_experts", &moe_experts);
   m.impl("compress_kv", &compress_kv);
   m.impl("hc_head", &hc_head);
+  m.impl("grouped_linear", &grouped_linear);
 }
 
 // A minimal Python module so `import v4kernels._C_cpu` loads the library (and runs the
