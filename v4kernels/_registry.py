@@ -421,7 +421,28 @@ def dispatch(op: str, *args: Any) -> Any:
     _LAST_USED[op] = backend.name
     key = (op, backend.name)
     _USAGE[key] = _USAGE.get(key, 0) + 1
+    if _RECORDING is not None:
+        # inputs are copied before the call: callers may update them in place afterwards
+        saved = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        out = entry.fn(*args)
+        _RECORDING.append((op, backend.name, saved, out))
+        return out
     return entry.fn(*args)
+
+
+_RECORDING: list[tuple[str, str, tuple[Any, ...], Any]] | None = None
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[list[tuple[str, str, tuple[Any, ...], Any]]]:
+    """Record ``(op, backend, copied schema args, outputs)`` of every dispatched call in the block
+    (used to re-check a real workload op by op against the reference on identical inputs)."""
+    global _RECORDING
+    prev, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = prev
 
 
 def last_backend(op: str) -> str | None:
