@@ -83,6 +83,30 @@ def check_int(op: str, name: str, value: object, *, minimum: int | None = None, 
     return value
 
 
+def check_real(op: str, name: str, value: object, *, minimum: float | None = None) -> float:
+    """A real number (int or float, not bool), optionally ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__} {value!r}")
+    if minimum is not None:
+        check_value(op, name, value, value >= minimum, f"a float >= {minimum:g}")
+    return float(value)
+
+
+def check_bool(op: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_out_dtype(op: str, out_dtype: object, default: torch.dtype) -> torch.dtype:
+    """``out_dtype`` of an op: None (use ``default``) or one of bf16/fp16/fp32."""
+    if out_dtype is None:
+        return default
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be None or one of bfloat16/float16/float32, got {out_dtype!r}")
+    return out_dtype
+
+
 def value_checks_enabled(*tensors: torch.Tensor) -> bool:
     mode = os.environ.get("V4K_CHECKS", "auto")
     if mode == "off":

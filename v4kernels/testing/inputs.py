@@ -4,14 +4,20 @@ from __future__ import annotations
 import torch
 
 from .._registry import Tolerance
+from ..layers.config import V4Config
 
-#: V4 dimensions used by parity cases and benchmarks (SPEC §1.1)
-FLASH = dict(dim=4096, n_heads=64, head_dim=512, rope_dim=64, q_lora=1024, o_groups=8, o_lora=1024,
-             index_heads=64, index_dim=128, index_topk=512, window=128, hc=4, experts=256, topk_experts=6,
-             moe_inter=2048, route_scale=1.5)
-PRO = dict(dim=7168, n_heads=128, head_dim=512, rope_dim=64, q_lora=1536, o_groups=16, o_lora=1024,
-           index_heads=64, index_dim=128, index_topk=1024, window=128, hc=4, experts=384, topk_experts=6,
-           moe_inter=3072, route_scale=2.5)
+
+
+def _dims(c: V4Config) -> dict[str, float]:
+    return dict(dim=c.dim, n_heads=c.n_heads, head_dim=c.head_dim, rope_dim=c.rope_head_dim, q_lora=c.q_lora_rank,
+                o_groups=c.o_groups, o_lora=c.o_lora_rank, index_heads=c.index_n_heads, index_dim=c.index_head_dim,
+                index_topk=c.index_topk, window=c.window_size, hc=c.hc_mult, experts=c.n_routed_experts,
+                topk_experts=c.n_activated_experts, moe_inter=c.moe_inter_dim, route_scale=c.route_scale)
+
+
+#: V4 dimensions used by parity cases (SPEC §1.1), taken from the one definition in layers/config.py
+FLASH = _dims(V4Config.flash())
+PRO = _dims(V4Config.pro())
 
 
 def randn(gen: torch.Generator, shape, device: torch.device, dtype: torch.dtype = torch.bfloat16, scale: float = 1.0) -> torch.Tensor:

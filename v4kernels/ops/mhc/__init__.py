@@ -65,13 +65,6 @@ _head = declare_op(
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_eps(op: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__} {value!r}")
-    C.check_value(op, name, value, value >= 0, "a float >= 0")
-    return float(value)
-
-
 def _check_params(op: str, hc: int, n_mix: int, n_scale: int, hc_scale: torch.Tensor, hc_base: torch.Tensor) -> None:
     C.check_tensor(op, "hc_scale", hc_scale, dtypes=_F32, shape=[n_scale])
     C.check_tensor(op, "hc_base", hc_base, dtypes=_F32, shape=[n_mix])
@@ -133,7 +126,7 @@ def hc_split_sinkhorn(
     op = "hc_split_sinkhorn"
     hc = C.check_int(op, "hc_mult", hc_mult, minimum=1)
     iters = C.check_int(op, "sinkhorn_iters", sinkhorn_iters, minimum=1)
-    eps = _check_eps(op, "eps", eps)
+    eps = C.check_real(op, "eps", eps, minimum=0)
     n_mix = (2 + hc) * hc
     C.check_tensor(op, "mixes", mixes, dtypes=_F32)
     if mixes.dim() < 1 or mixes.shape[-1] != n_mix:
@@ -187,8 +180,8 @@ def hc_pre(
     C.check_tensor(op, "hc_fn", hc_fn, dtypes=_F32, shape=[n_mix, hc * d])
     _check_params(op, hc, n_mix, 3, hc_scale, hc_base)
     iters = C.check_int(op, "sinkhorn_iters", sinkhorn_iters, minimum=1)
-    norm_eps = _check_eps(op, "norm_eps", norm_eps)
-    hc_eps = _check_eps(op, "hc_eps", hc_eps)
+    norm_eps = C.check_real(op, "norm_eps", norm_eps, minimum=0)
+    hc_eps = C.check_real(op, "hc_eps", hc_eps, minimum=0)
     C.check_same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
     if x.numel() == 0:
         return _fake_pre(x, hc_fn, hc_scale, hc_base, iters, norm_eps, hc_eps)
@@ -283,8 +276,8 @@ def hc_head(
     hc, d = _check_streams(op, x)
     C.check_tensor(op, "hc_fn", hc_fn, dtypes=_F32, shape=[hc, hc * d])
     _check_params(op, hc, hc, 1, hc_scale, hc_base)
-    norm_eps = _check_eps(op, "norm_eps", norm_eps)
-    hc_eps = _check_eps(op, "hc_eps", hc_eps)
+    norm_eps = C.check_real(op, "norm_eps", norm_eps, minimum=0)
+    hc_eps = C.check_real(op, "hc_eps", hc_eps, minimum=0)
     C.check_same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
     if x.numel() == 0:
         return _fake_head(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps)

@@ -46,26 +46,6 @@ _moe_experts = declare_op(
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_bool(op: str, name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _check_real(op: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
-def _check_out_dtype(op: str, out_dtype: object, default: torch.dtype) -> torch.dtype:
-    if out_dtype is None:
-        return default
-    if not isinstance(out_dtype, torch.dtype) or out_dtype not in C.FLOAT_DTYPES:
-        raise TypeError(f"{op}: out_dtype must be None or one of bfloat16/float16/float32, got {out_dtype!r}")
-    return out_dtype
-
-
 def _shape_str(names: tuple[str, ...], dims: tuple[int | None, ...]) -> str:
     return "[" + ", ".join(n if d is None else f"{n}={d}" for n, d in zip(names, dims)) + "]"
 
@@ -193,9 +173,9 @@ def moe_gate(
     C.check_int(op, "topk", topk, minimum=1)
     if topk > n_experts:
         raise ValueError(f"{op}: topk must be <= the number of experts E={n_experts}, got {topk}")
-    rs = _check_real(op, "route_scale", route_scale)
+    rs = C.check_real(op, "route_scale", route_scale)
     C.check_value(op, "route_scale", route_scale, math.isfinite(rs) and rs > 0, "a finite float > 0")
-    _check_bool(op, "hf_eps", hf_eps)
+    C.check_bool(op, "hf_eps", hf_eps)
     if bias is not None:
         C.check_tensor(op, "bias", bias, dtypes=C.FLOAT_DTYPES, shape=[n_experts])
     if (tid2eid is None) != (token_ids is None):
@@ -229,9 +209,9 @@ def moe_gate(
 
 # ----------------------------------------------------------------------------- experts
 def _check_ffn_options(op: str, swiglu_limit: object, out_dtype: object, default: torch.dtype) -> tuple[float, torch.dtype]:
-    lim = _check_real(op, "swiglu_limit", swiglu_limit)
+    lim = C.check_real(op, "swiglu_limit", swiglu_limit)
     C.check_value(op, "swiglu_limit", swiglu_limit, lim >= 0, ">= 0 (0 disables the clamp)")
-    return lim, _check_out_dtype(op, out_dtype, default)
+    return lim, C.check_out_dtype(op, out_dtype, default)
 
 
 def moe_experts(
@@ -311,7 +291,7 @@ def moe_experts(
     _check_weight(op, "w3", w3, "w3_scale", w3_scale, ("E", "I", "D"), (e, i, d))
     _check_weight(op, "w2", w2, "w2_scale", w2_scale, ("E", "D", "I"), (e, d, i))
     lim, out_dtype = _check_ffn_options(op, swiglu_limit, out_dtype, x.dtype)
-    _check_bool(op, "weight_after_w2", weight_after_w2)
+    C.check_bool(op, "weight_after_w2", weight_after_w2)
     C.check_same_device(
         op, x=x, topk_weights=topk_weights, topk_ids=topk_ids, w1=w1, w1_scale=w1_scale,
         w3=w3, w3_scale=w3_scale, w2=w2, w2_scale=w2_scale,
