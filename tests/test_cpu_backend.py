@@ -698,6 +698,6 @@ def test_grouped_linear_nonfinite_subnormal_empty():
     assert v4k.grouped_linear(torch.ones(1, 2, 3, 8), torch.ones(3, 0, 8)).shape == (1, 2, 3, 0)
     z = v4k.grouped_linear(torch.ones(1, 2, 3, 0, dtype=torch.bfloat16), torch.ones(3, 4, 0))
     assert z.dtype == torch.bfloat16 and torch.equal(z, torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16))
-    from v4kernels.ops.attention.cpu import _grouped_linear_supports
-    assert _grouped_linear_supports(torch.ones(1, 1, 1, 2, dtype=torch.float64), torch.ones(1, 1, 2)) != []
-    assert _grouped_linear_supports(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 2, dtype=torch.float16)) == []
+    from v4kernels.ops.attention.cpu import _grouped_linear_refusals
+    assert _grouped_linear_refusals(torch.ones(1, 1, 1, 2, dtype=torch.float64), torch.ones(1, 1, 2)) != []
+    assert _grouped_linear_refusals(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 2, dtype=torch.float16)) == []

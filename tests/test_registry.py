@@ -111,16 +111,16 @@ def test_priority_fallback_and_usage(monkeypatch):
         calls.append(x.shape)
         return torch.zeros_like(x)
 
-    def supports(x, weight, eps, hf_rounding):
+    def refusals(x, weight, eps, hf_rounding):
         return [f"fake handles only even widths, got {x.shape[-1]}"] if x.shape[-1] % 2 else []
 
     monkeypatch.setitem(R.BACKENDS, "fake", _FakeBackend())
-    monkeypatch.setitem(R._KERNELS, "fake", {"rms_norm": R.KernelEntry(fake_rms, supports)})
+    monkeypatch.setitem(R._KERNELS, "fake", {"rms_norm": R.KernelEntry(fake_rms, refusals)})
     R.backend_usage(reset=True)
     assert torch.equal(v4k.rms_norm(X), torch.zeros_like(X))  # highest priority wins
     assert v4k.last_backend("rms_norm") == "fake"
     odd = torch.randn(2, 7)
-    y = v4k.rms_norm(odd)  # refused by supports(): automatic fallback to the reference
+    y = v4k.rms_norm(odd)  # refused by refusals(): automatic fallback to the reference
     assert v4k.last_backend("rms_norm") == "reference" and torch.equal(y, R.reference_kernel("rms_norm")(odd, None, 1e-6, False))
     v4k.hadamard_transform(X)  # fake has no kernel: falls back
     assert v4k.last_backend("hadamard_transform") != "fake"

@@ -57,7 +57,7 @@ class Tolerance:
 @dataclass
 class KernelEntry:
     fn: Callable[..., Any]
-    supports: Callable[..., list[str]] | None = None
+    refusals: Callable[..., list[str]] | None = None
 
 
 # backend name -> op name -> kernel
@@ -67,17 +67,17 @@ _OP_ARGS: dict[str, list[str]] = {}
 
 
 def register_kernel(
-    backend: str, op: str, *, supports: Callable[..., list[str]] | None = None
+    backend: str, op: str, *, refusals: Callable[..., list[str]] | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn`` as ``backend``'s kernel for ``op``.
 
-    ``fn`` takes exactly the op's schema arguments. ``supports(*args)`` may return reasons why
+    ``fn`` takes exactly the op's schema arguments. ``refusals(*args)`` may return reasons why
     this kernel cannot handle particular arguments (dtype, shape limits); dispatch then moves on
     to the next backend (or raises, if the backend was forced).
     """
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _KERNELS.setdefault(backend, {})[op] = KernelEntry(fn, supports)
+        _KERNELS.setdefault(backend, {})[op] = KernelEntry(fn, refusals)
         _PLAN.clear()
         return fn
 
@@ -162,7 +162,7 @@ class Backend:
             return reasons
         entry = self.kernel(op)
         assert entry is not None
-        return list(entry.supports(*args)) if entry.supports is not None else []
+        return list(entry.refusals(*args)) if entry.refusals is not None else []
 
 
 class ReferenceBackend(Backend):
@@ -376,7 +376,7 @@ def candidates(op: str, device_type: str) -> list[Backend]:
 
 # (op, device type, forced backend or None) -> backends whose argument-independent checks pass,
 # in priority order, with their kernels. Availability does not change within a process (probes
-# and extension loads are cached), so only the kernels' `supports` checks run per call.
+# and extension loads are cached), so only the kernels' `refusals` checks run per call.
 _PLAN: dict[tuple[str, str, str | None], list[tuple[Backend, KernelEntry]]] = {}
 
 
@@ -404,7 +404,7 @@ def select_backend(op: str, args: Sequence[Any]) -> tuple[Backend, KernelEntry]:
     device_type = _device_type(args)
     forced = forced_backend(op)
     for b, entry in _plan(op, device_type, forced):
-        if entry.supports is None or not entry.supports(*args):
+        if entry.refusals is None or not entry.refusals(*args):
             return b, entry
     # nothing can run: recompute the reasons in full for the error message
     if forced is not None:

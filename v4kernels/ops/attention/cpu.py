@@ -18,7 +18,7 @@ import v4kernels._C_cpu  # noqa: F401  (registers torch.ops.v4k_cpu.*)
 from ..._registry import register_kernel
 
 
-def _sparse_attn_supports(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> list[str]:
+def _sparse_attn_refusals(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> list[str]:
     reasons = []
     if q.shape[-1] % 64 != 0:
         reasons.append(f"cpu sparse_attn needs a head dim that is a multiple of 64, got {q.shape[-1]}")
@@ -27,7 +27,7 @@ def _sparse_attn_supports(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Te
     return reasons
 
 
-@register_kernel("cpu", "sparse_attn", supports=_sparse_attn_supports)
+@register_kernel("cpu", "sparse_attn", refusals=_sparse_attn_refusals)
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     return torch.ops.v4k_cpu.sparse_attn(q, kv, attn_sink.float(), topk_idxs, float(softmax_scale))
 
@@ -37,11 +37,11 @@ _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 GROUPED_DIRECT_MAX_T = 96
 
 
-def _grouped_linear_supports(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
+def _grouped_linear_refusals(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
     return [f"cpu grouped_linear needs float32/bfloat16/float16 {n}, got {t.dtype}"
             for n, t in (("x", x), ("weight", weight)) if t.dtype not in _FLOAT]
 
 
-@register_kernel("cpu", "grouped_linear", supports=_grouped_linear_supports)
+@register_kernel("cpu", "grouped_linear", refusals=_grouped_linear_refusals)
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.v4k_cpu.grouped_linear(x, weight)

@@ -152,13 +152,13 @@ def attn_splits(rows: int, head_blocks: int, k_total: int, m: int, device: torch
     return max(1, min(want, max_splits, 64))
 
 
-def _attn_supports(q, kv, attn_sink, topk_idxs, softmax_scale) -> list[str]:
+def _attn_refusals(q, kv, attn_sink, topk_idxs, softmax_scale) -> list[str]:
     if q.shape[-1] != D_KV:
         return [f"triton sparse_attn is specialised for head dim {D_KV}, got {q.shape[-1]}"]
     return []
 
 
-@register_kernel("triton", "sparse_attn", supports=_attn_supports)
+@register_kernel("triton", "sparse_attn", refusals=_attn_refusals)
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     b, m, h, _ = q.shape
     n = kv.shape[1]

@@ -18,12 +18,12 @@ from ..._registry import register_kernel
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _compress_kv_supports(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, *args: object) -> list[str]:
+def _compress_kv_refusals(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, *args: object) -> list[str]:
     return [f"cpu compress_kv needs float32/bfloat16/float16 {n}, got {t.dtype}"
             for n, t in (("x", x), ("wkv", wkv), ("wgate", wgate)) if t.dtype not in _FLOAT]
 
 
-@register_kernel("cpu", "compress_kv", supports=_compress_kv_supports)
+@register_kernel("cpu", "compress_kv", refusals=_compress_kv_refusals)
 def compress_kv(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor,
                 freqs: torch.Tensor, pending_kv: torch.Tensor, pending_score: torch.Tensor, prev_kv: torch.Tensor,
                 prev_score: torch.Tensor, n_tokens: torch.Tensor, ratio: int, quant: str, eps: float

@@ -325,7 +325,7 @@ def _state_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _supports(x, wkv, wgate, ape, norm_weight, freqs, *rest) -> list[str]:
+def _refusals(x, wkv, wgate, ape, norm_weight, freqs, *rest) -> list[str]:
     hd = norm_weight.shape[0]
     quant = rest[-2]
     reasons = []
@@ -340,7 +340,7 @@ def _f32(v: float) -> float:
     return float(torch.tensor(v, dtype=torch.float32))
 
 
-@register_kernel("triton", "compress_kv", supports=_supports)
+@register_kernel("triton", "compress_kv", refusals=_refusals)
 def compress_kv(
     x: torch.Tensor,
     wkv: torch.Tensor,

@@ -151,7 +151,7 @@ def _args(q, weights, keys, key_scales):
     return kk, ks, dict(DI=d, HP=max(16, U.next_pow2(h)), KFMT=kfmt, CH=ch, KS_UE8M0=ue, DOT_BF16=dot16)
 
 
-def _supports(q, weights, keys, key_scales, positions, *rest) -> list[str]:
+def _refusals(q, weights, keys, key_scales, positions, *rest) -> list[str]:
     d, h = q.shape[-1], q.shape[-2]
     out = []
     if d & (d - 1) or d < 16 or d > 512:
@@ -161,7 +161,7 @@ def _supports(q, weights, keys, key_scales, positions, *rest) -> list[str]:
     return out
 
 
-@register_kernel("triton", "indexer_scores", supports=_supports)
+@register_kernel("triton", "indexer_scores", refusals=_refusals)
 def indexer_scores(q, weights, keys, key_scales, positions, ratio):
     b, s, h, d = q.shape
     n = keys.shape[1]
@@ -178,14 +178,14 @@ def indexer_scores(q, weights, keys, key_scales, positions, ratio):
 _TOPK_MAX = 4096
 
 
-def _topk_supports(q, weights, keys, key_scales, positions, topk, ratio, offset) -> list[str]:
-    out = _supports(q, weights, keys, key_scales, positions)
+def _topk_refusals(q, weights, keys, key_scales, positions, topk, ratio, offset) -> list[str]:
+    out = _refusals(q, weights, keys, key_scales, positions)
     if min(topk, keys.shape[1]) > _TOPK_MAX:
         out.append(f"triton indexer_topk keeps the candidates in one tile: k must be <= {_TOPK_MAX}, got {min(topk, keys.shape[1])}")
     return out
 
 
-@register_kernel("triton", "indexer_topk", supports=_topk_supports)
+@register_kernel("triton", "indexer_topk", refusals=_topk_refusals)
 def indexer_topk(q, weights, keys, key_scales, positions, topk, ratio, offset):
     b, s, h, d = q.shape
     n = keys.shape[1]

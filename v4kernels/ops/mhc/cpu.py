@@ -25,11 +25,11 @@ def hc_pre(x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base
     return torch.ops.v4k_cpu.hc_pre(x, hc_fn, hc_scale, hc_base, int(sinkhorn_iters), float(norm_eps), float(hc_eps))
 
 
-def _hc_post_supports(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, bf16_mix: bool) -> list[str]:
+def _hc_post_refusals(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, bf16_mix: bool) -> list[str]:
     return [] if residual.shape[-2] <= 64 else [f"cpu hc_post supports at most 64 streams, got {residual.shape[-2]}"]
 
 
-@register_kernel("cpu", "hc_post", supports=_hc_post_supports)
+@register_kernel("cpu", "hc_post", refusals=_hc_post_refusals)
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, bf16_mix: bool) -> torch.Tensor:
     return torch.ops.v4k_cpu.hc_post(x, residual, post, comb, bool(bf16_mix))
 

@@ -16,7 +16,7 @@ import v4kernels._C_cpu  # noqa: F401  (registers torch.ops.v4k_cpu.*)
 from ..._registry import register_kernel
 
 
-def _moe_experts_supports(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
+def _moe_experts_refusals(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
                           w1_s: torch.Tensor | None, w3: torch.Tensor, w3_s: torch.Tensor | None, w2: torch.Tensor,
                           w2_s: torch.Tensor | None, swiglu_limit: float, weight_after_w2: bool,
                           out_dtype: torch.dtype) -> list[str]:
@@ -28,7 +28,7 @@ def _moe_experts_supports(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     return reasons
 
 
-@register_kernel("cpu", "moe_experts", supports=_moe_experts_supports)
+@register_kernel("cpu", "moe_experts", refusals=_moe_experts_refusals)
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
                 w1_s: torch.Tensor | None, w3: torch.Tensor, w3_s: torch.Tensor | None, w2: torch.Tensor,
                 w2_s: torch.Tensor | None, swiglu_limit: float, weight_after_w2: bool,

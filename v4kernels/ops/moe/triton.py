@@ -98,7 +98,7 @@ _GATE_MAX_E = 1024
 
 @register_kernel(
     "triton", "moe_gate",
-    supports=lambda x, weight, *a: [] if weight.shape[0] <= _GATE_MAX_E
+    refusals=lambda x, weight, *a: [] if weight.shape[0] <= _GATE_MAX_E
     else [f"triton moe_gate holds all experts in one tile: E must be <= {_GATE_MAX_E}, got {weight.shape[0]}"],
 )
 def moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps):
@@ -258,7 +258,7 @@ def _wfmt(w: torch.Tensor) -> int:
     return 0
 
 
-def _experts_supports(x, tw, ids, w1, w1_s, w3, w3_s, w2, w2_s, *rest) -> list[str]:
+def _experts_refusals(x, tw, ids, w1, w1_s, w3, w3_s, w2, w2_s, *rest) -> list[str]:
     fm = {_wfmt(w1), _wfmt(w3), _wfmt(w2)}
     if len(fm) != 1:
         return ["triton moe_experts needs w1, w3 and w2 in one storage format"]
@@ -267,7 +267,7 @@ def _experts_supports(x, tw, ids, w1, w1_s, w3, w3_s, w2, w2_s, *rest) -> list[s
     return []
 
 
-@register_kernel("triton", "moe_experts", supports=_experts_supports)
+@register_kernel("triton", "moe_experts", refusals=_experts_refusals)
 def moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype):
     t, d = x.shape
     k = topk_ids.shape[1]

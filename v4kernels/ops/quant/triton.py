@@ -167,18 +167,18 @@ def _fp4_launch(x: torch.Tensor, block_size: int, roundtrip: bool):
     return p, s
 
 
-def _fp4_supports(x: torch.Tensor, block_size: int, *rest) -> list[str]:
+def _fp4_refusals(x: torch.Tensor, block_size: int, *rest) -> list[str]:
     if block_size % 2:
         return [f"triton fp4 kernels need an even block_size (codes are packed in pairs), got {block_size}"]
     return []
 
 
-@register_kernel("triton", "fp4_act_quant", supports=_fp4_supports)
+@register_kernel("triton", "fp4_act_quant", refusals=_fp4_refusals)
 def fp4_act_quant(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _fp4_launch(x, block_size, roundtrip=False)
 
 
-@register_kernel("triton", "fp4_act_roundtrip", supports=_fp4_supports)
+@register_kernel("triton", "fp4_act_roundtrip", refusals=_fp4_refusals)
 def fp4_act_roundtrip(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return _fp4_launch(x, block_size, roundtrip=True)
 
@@ -200,7 +200,7 @@ def _fp4_dequant_kernel(
     store_out(o_ptr + even + 1, e2m1_decode(byte >> 4) * s, mask, OUT_KIND)
 
 
-@register_kernel("triton", "fp4_act_dequant", supports=lambda p, s, block_size, od: _fp4_supports(p, block_size))
+@register_kernel("triton", "fp4_act_dequant", refusals=lambda p, s, block_size, od: _fp4_refusals(p, block_size))
 def fp4_act_dequant(packed: torch.Tensor, scales: torch.Tensor, block_size: int, out_dtype: torch.dtype) -> torch.Tensor:
     n = packed.shape[-1] * 2
     n_rows = packed.numel() * 2 // block_size
@@ -254,13 +254,13 @@ def _hadamard_fwd_kernel(
     store_out(o_ptr + offs, y * scale, mask, OUT_KIND)
 
 
-def _hadamard_supports(x: torch.Tensor) -> list[str]:
+def _hadamard_refusals(x: torch.Tensor) -> list[str]:
     if x.shape[-1] > HADAMARD_MAX:
         return [f"triton hadamard_transform holds the whole matrix in one tile: last dim must be <= {HADAMARD_MAX}, got {x.shape[-1]}"]
     return []
 
 
-@register_kernel("triton", "hadamard_transform", supports=_hadamard_supports)
+@register_kernel("triton", "hadamard_transform", refusals=_hadamard_refusals)
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     n_rows = x.numel() // n

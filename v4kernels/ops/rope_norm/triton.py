@@ -90,7 +90,7 @@ _RMS_MAX_D = 16384
 
 @register_kernel(
     "triton", "rms_norm",
-    supports=lambda x, w, eps, hf: [] if x.shape[-1] <= _RMS_MAX_D
+    refusals=lambda x, w, eps, hf: [] if x.shape[-1] <= _RMS_MAX_D
     else [f"triton rms_norm keeps a row in one tile: last dim must be <= {_RMS_MAX_D}, got {x.shape[-1]}"],
 )
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, hf_rounding: bool) -> torch.Tensor:
