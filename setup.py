@@ -1,22 +1,27 @@
-"""Build script: pure-Python install always works; native extensions are optional.
+"""Build script: the pure-Python install always works; native extensions are optional.
 
-The native CPU extension (``v4kernels._C_cpu``) is built when torch is importable in the build
-environment (install torch first, then ``pip install --no-build-isolation .``) and a C++ compiler
-is present. ``V4K_BUILD_CPU=0`` skips it, ``V4K_BUILD_CPU=1`` makes a failure fatal. Whatever
-happens is recorded in ``v4kernels/_build_info.json`` so ``python -m v4kernels info`` can say why
-a backend is missing.
+Every backend in ``v4kernels/backends/`` may declare a build hook (``Backend.build_extensions``):
+the CPU extension (``V4K_BUILD_CPU``) is built when torch is importable in the build environment
+(install torch first, then ``pip install --no-build-isolation .``) and a C++ compiler is present;
+the CUDA extension (``V4K_BUILD_CUDA``) when that torch has CUDA. ``V4K_BUILD_<NAME>=0`` skips a
+backend's extension, ``=1`` makes its failure fatal. Each outcome is recorded under the backend's
+name in ``v4kernels/_build_info.json``, so ``python -m v4kernels info`` can say why an extension is
+missing.
 """
 from __future__ import annotations
 
-import glob
+import importlib.util
 import json
 import os
+import pkgutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext as _setuptools_build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BACKENDS_DIR = os.path.join(ROOT, "v4kernels", "backends")
 BUILD_INFO: dict[str, str] = {}
 
 
@@ -25,111 +30,65 @@ def _flag(name: str) -> str | None:
     return None if v is None or v == "" else v
 
 
-_ISA_FLAGS = {
-    # name: (compiler flags, /proc/cpuinfo flags the build machine must have)
-    "avx512": (
-        ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-        {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
-    ),
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
-    "baseline": ([], set()),
-}
+def _record(key: str, text: str) -> None:
+    BUILD_INFO[key] = text
 
 
-def _compiler_accepts(flags: list[str]) -> bool:
-    import shutil
-    import subprocess
-    import tempfile
-
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        return False
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "t.cpp")
-        with open(src, "w") as f:
-            f.write("int main() { return 0; }\n")
-        r = subprocess.run([cxx, *flags, "-c", src, "-o", os.path.join(d, "t.o")], capture_output=True)
-        return r.returncode == 0
-
-
-def _cpu_isa() -> tuple[str, list[str]]:
-    """Vector ISA of the CPU extension: the widest one both the compiler and this (build) machine
-    support, so the kernels never execute an instruction the build machine lacks.
-
-    ``V4K_CPU_ISA=avx512|avx2|baseline`` overrides (e.g. ``baseline`` for a wheel meant for older
-    x86 machines); ``V4K_CPU_NATIVE=1`` compiles with ``-march=native``. At import the extension
-    refuses to load (ImportError with the reason) on a CPU without the ISA it was built for.
-    """
-    if _flag("V4K_CPU_NATIVE") == "1":
-        return "native", ["-march=native"]
-    forced = _flag("V4K_CPU_ISA")
-    if forced is not None:
-        if forced not in _ISA_FLAGS:
-            raise ValueError(f"V4K_CPU_ISA must be one of {sorted(_ISA_FLAGS)}, got {forced!r}")
-        return forced, _ISA_FLAGS[forced][0]
-    have: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    for name in ("avx512", "avx2"):
-        flags, need = _ISA_FLAGS[name]
-        if need <= have and _compiler_accepts(flags):
-            return name, flags
-    return "baseline", []
-
-
-def _cpu_extension():
-    """Return (ext_modules, cmdclass) for the CPU extension, or record why it is skipped."""
-    if _flag("V4K_BUILD_CPU") == "0":
-        BUILD_INFO["cpu"] = "skipped: V4K_BUILD_CPU=0"
-        return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    if not sources:
-        BUILD_INFO["cpu"] = "skipped: no sources in csrc/cpu"
-        return [], {}
-    try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except Exception as e:  # noqa: BLE001 - any failure means "no torch in the build env"
-        BUILD_INFO["cpu"] = (
-            f"skipped: torch not importable at build time ({type(e).__name__}: {e}); "
-            "install torch first and use `pip install --no-build-isolation .`"
-        )
-        if _flag("V4K_BUILD_CPU") == "1":
-            raise
-        return [], {}
-
-    class OptionalBuildExtension(BuildExtension):
-        """BuildExtension that records a failed optional build instead of aborting the install."""
-
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-                BUILD_INFO["cpu"] = "built"
-            except Exception as e:  # noqa: BLE001
-                if _flag("V4K_BUILD_CPU") == "1":
-                    raise
-                BUILD_INFO["cpu"] = f"build failed: {type(e).__name__}: {str(e)[:400]}"
-                print(f"warning: optional CPU extension not built: {e}", file=sys.stderr)
-            _write_build_info(self.build_lib)
-
-    isa, isa_flags = _cpu_isa()
-    BUILD_INFO["cpu_isa"] = isa
-    # -ffp-contract=fast: fuse a*b+c into FMA (ISO -std=c++17 would otherwise forbid it).
-    extra = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=fast", *isa_flags]
-    ext = CppExtension(
-        name="v4kernels._C_cpu",
-        sources=sources,
-        extra_compile_args={"cxx": extra},
-        extra_link_args=["-fopenmp"],
-        define_macros=[("V4K_CPU_ISA", f'"{isa}"')],
+def _load_backends() -> list:
+    """Import the backend modules as a stand-alone package (v4kernels itself is not imported)."""
+    spec = importlib.util.spec_from_file_location(
+        "_v4k_build_backends", os.path.join(BACKENDS_DIR, "_base.py"), submodule_search_locations=[BACKENDS_DIR]
     )
-    BUILD_INFO["cpu"] = "pending"
-    return [ext], {"build_ext": OptionalBuildExtension}
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["_v4k_build_backends"] = pkg
+    base = importlib.import_module("_v4k_build_backends._base")
+    out = []
+    for m in sorted(pkgutil.iter_modules([BACKENDS_DIR]), key=lambda m: m.name):
+        if m.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"_v4k_build_backends.{m.name}")
+        out.append((mod.BACKEND, base.BuildContext(ROOT, _flag, _record)))
+    return out
+
+
+def _collect():
+    ext_modules, owner, build_ext_cls = [], {}, None
+    try:
+        backends = _load_backends()
+    except Exception as e:  # noqa: BLE001 - e.g. no torch in the build environment
+        why = f"skipped: backend build hooks not loadable ({type(e).__name__}: {e}); pure-Python install"
+        for key in ("cpu", "cuda"):
+            if _flag(f"V4K_BUILD_{key.upper()}") == "1":
+                raise
+            BUILD_INFO[key] = why
+        return [], None, {}
+    for backend, ctx in backends:
+        exts, cmd = backend.build_extensions(ctx)
+        for ext in exts:
+            owner[ext.name] = backend.name
+        ext_modules += exts
+        build_ext_cls = cmd.get("build_ext", build_ext_cls)
+    return ext_modules, build_ext_cls, owner
+
+
+ext_modules, _build_ext_base, _OWNER = _collect()
+
+
+class OptionalBuildExtension(_build_ext_base or _setuptools_build_ext):
+    """Builds each backend's extension; a failure is recorded for ``info`` instead of aborting the
+    install, unless ``V4K_BUILD_<BACKEND>=1``."""
+
+    def build_extension(self, ext):
+        name = _OWNER.get(ext.name, ext.name)
+        try:
+            super().build_extension(ext)
+            BUILD_INFO[name] = "built"
+        except Exception as e:  # noqa: BLE001
+            if _flag(f"V4K_BUILD_{name.upper()}") == "1":
+                raise
+            BUILD_INFO[name] = f"build failed: {type(e).__name__}: {str(e)[:400]}"
+            print(f"warning: optional {name} extension not built: {e}", file=sys.stderr)
+        _write_build_info(self.build_lib)
 
 
 def _write_build_info(build_lib: str | None) -> None:
@@ -146,6 +105,7 @@ class BuildPyWithInfo(build_py):
         _write_build_info(self.build_lib)
 
 
-ext_modules, cmdclass = _cpu_extension()
-cmdclass = {"build_py": BuildPyWithInfo, **cmdclass}
+cmdclass = {"build_py": BuildPyWithInfo}
+if ext_modules:
+    cmdclass["build_ext"] = OptionalBuildExtension
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

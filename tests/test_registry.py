@@ -88,56 +88,82 @@ def test_env_var_forcing(monkeypatch):
 
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dispatch_cache():
-    # tests below patch R.BACKENDS / R._KERNELS directly; the dispatch plan cache must not keep
-    # a patched backend alive past a test (register_kernel clears it itself)
-    R.clear_dispatch_cache()
-    yield
-    R.clear_dispatch_cache()
-
-class _FakeBackend(R.Backend):
+class _FakeBackend(v4k.Backend):
     name = "fake"
     description = "test double"
     auto_priority = {"cpu": 1}
     module = "fake_test_backend"
-    tolerances = R.ReferenceBackend.tolerances
+    tolerances = R.get_backend("reference").tolerances
 
 
-def test_priority_fallback_and_usage(monkeypatch):
+@pytest.fixture
+def fake_backend():
+    b = v4k.register_backend(_FakeBackend)
+    yield b
+    v4k.unregister_backend("fake")
+
+
+def test_priority_fallback_and_usage(fake_backend):
     calls = []
-
-    def fake_rms(x, weight, eps, hf_rounding):
-        calls.append(x.shape)
-        return torch.zeros_like(x)
 
     def refusals(x, weight, eps, hf_rounding):
         return [f"fake handles only even widths, got {x.shape[-1]}"] if x.shape[-1] % 2 else []
 
-    monkeypatch.setitem(R.BACKENDS, "fake", _FakeBackend())
-    monkeypatch.setitem(R._KERNELS, "fake", {"rms_norm": R.KernelEntry(fake_rms, refusals)})
-    R.backend_usage(reset=True)
-    assert torch.equal(v4k.rms_norm(X), torch.zeros_like(X))  # highest priority wins
-    assert v4k.last_backend("rms_norm") == "fake"
-    odd = torch.randn(2, 7)
-    y = v4k.rms_norm(odd)  # refused by refusals(): automatic fallback to the reference
-    assert v4k.last_backend("rms_norm") == "reference" and torch.equal(y, R.reference_kernel("rms_norm")(odd, None, 1e-6, False))
-    v4k.hadamard_transform(X)  # fake has no kernel: falls back
-    assert v4k.last_backend("hadamard_transform") != "fake"
-    with v4k.use_backend("fake"):
-        with pytest.raises(v4k.BackendUnavailableError, match="fake handles only even widths, got 7"):
-            v4k.rms_norm(odd)
-        with pytest.raises(v4k.BackendUnavailableError, match="no fake kernel for hadamard_transform yet"):
-            v4k.hadamard_transform(X)
-    usage = R.backend_usage(reset=True)
+    @v4k.register_kernel("fake", "rms_norm", refusals=refusals)
+    def fake_rms(x, weight, eps, hf_rounding):
+        calls.append(x.shape)
+        return torch.zeros_like(x)
+
+    with v4k.track_usage() as usage:
+        assert torch.equal(v4k.rms_norm(X), torch.zeros_like(X))  # highest priority wins
+        assert v4k.last_backend("rms_norm") == "fake"
+        odd = torch.randn(2, 7)
+        y = v4k.rms_norm(odd)  # refused by refusals(): automatic fallback to the reference
+        assert v4k.last_backend("rms_norm") == "reference"
+        assert torch.equal(y, R.reference_kernel("rms_norm")(odd, None, 1e-6, False))
+        v4k.hadamard_transform(X)  # fake has no kernel: falls back
+        assert v4k.last_backend("hadamard_transform") != "fake"
+        with v4k.use_backend("fake"):
+            with pytest.raises(v4k.BackendUnavailableError, match="fake handles only even widths, got 7"):
+                v4k.rms_norm(odd)
+            with pytest.raises(v4k.BackendUnavailableError, match="no fake kernel for hadamard_transform yet"):
+                v4k.hadamard_transform(X)
     assert usage[("rms_norm", "fake")] == 1 and usage[("rms_norm", "reference")] == 1
-    assert R.backend_usage() == {}
+    assert v4k.backend_usage() == {}  # outside track_usage nothing is counted
     assert len(calls) == 1
     assert "fake" in v4k.available_backends("rms_norm") and v4k.available_backends("rms_norm")["fake"] == []
 
 
+def test_register_backend_validates():
+    with pytest.raises(TypeError, match="expected a v4kernels.backends.Backend"):
+        v4k.register_backend(object())
+
+    class BadName(v4k.Backend):
+        name = "not an identifier"
+
+    with pytest.raises(ValueError, match="must be an identifier"):
+        v4k.register_backend(BadName)
+
+    class BadPriority(v4k.Backend):
+        name = "badprio"
+        auto_priority = {"cpu": "high"}
+
+    with pytest.raises(TypeError, match="auto_priority must map device type"):
+        v4k.register_backend(BadPriority)
+
+    class Clash(v4k.Backend):
+        name = "cpu"
+
+    with pytest.raises(ValueError, match="already registered"):
+        v4k.register_backend(Clash)
+    with pytest.raises(ValueError, match="in-tree backend"):
+        v4k.unregister_backend("cpu")
+    with pytest.raises(ValueError, match="unknown op 'no_such_op'"):
+        v4k.register_kernel("cpu", "no_such_op")
+
+
 def test_broken_backend_module_shows_as_reason(monkeypatch, tmp_path):
-    # a kernel module of the fake backend that fails to import, found through the family package
+    # a kernel module of the backend that fails to import, found through the family package
     (tmp_path / "broken_test_backend.py").write_text("raise ImportError('vendor library libfoo.so missing')\n")
     monkeypatch.setattr(rope_norm_pkg, "__path__", [*rope_norm_pkg.__path__, str(tmp_path)])
 
@@ -145,16 +171,19 @@ def test_broken_backend_module_shows_as_reason(monkeypatch, tmp_path):
         name = "broken"
         module = "broken_test_backend"
 
-    monkeypatch.setitem(R.BACKENDS, "broken", Broken())
-    reasons = v4k.available_backends("rms_norm")["broken"]
-    assert len(reasons) == 1 and "v4kernels.ops.rope_norm.broken_test_backend failed to import" in reasons[0]
-    assert "ImportError: vendor library libfoo.so missing" in reasons[0]
-    assert v4k.available_backends("hc_pre")["broken"] == ["no broken kernel for hc_pre yet"]
-    y = v4k.rms_norm(X)  # automatic choice skips it
-    assert v4k.last_backend("rms_norm") != "broken" and y.shape == X.shape
-    with v4k.use_backend("broken"):
-        with pytest.raises(v4k.BackendUnavailableError, match="libfoo.so missing"):
-            v4k.rms_norm(X)
+    v4k.register_backend(Broken)
+    try:
+        reasons = v4k.available_backends("rms_norm")["broken"]
+        assert len(reasons) == 1 and "v4kernels.ops.rope_norm.broken_test_backend failed to import" in reasons[0]
+        assert "ImportError: vendor library libfoo.so missing" in reasons[0]
+        assert v4k.available_backends("hc_pre")["broken"] == ["no broken kernel for hc_pre yet"]
+        y = v4k.rms_norm(X)  # automatic choice skips it
+        assert v4k.last_backend("rms_norm") != "broken" and y.shape == X.shape
+        with v4k.use_backend("broken"):
+            with pytest.raises(v4k.BackendUnavailableError, match="libfoo.so missing"):
+                v4k.rms_norm(X)
+    finally:
+        v4k.unregister_backend("broken")
 
 
 def test_import_is_lazy():

@@ -12,8 +12,15 @@ from ._registry import (
     backend_usage,
     last_backend,
     op_names,
+    record_calls,
+    register_backend,
+    register_kernel,
+    register_kernels,
+    track_usage,
+    unregister_backend,
     use_backend,
 )
+from .backends import Backend, Tolerance
 from .ops.attention import *  # noqa: F401,F403
 from .ops.compressor import *  # noqa: F401,F403
 from .ops.indexer import *  # noqa: F401,F403
@@ -22,5 +29,12 @@ from .ops.mhc import *  # noqa: F401,F403
 from .ops.moe import *  # noqa: F401,F403
 from .ops.quant import *  # noqa: F401,F403
 from .ops.rope_norm import *  # noqa: F401,F403
+from . import _registry as _R
+
+_R._ALL_DECLARED = True
+
+from .backends import load_plugins as _load_plugins  # noqa: E402
+
+_load_plugins()
 
 __version__ = "0.1.0"

@@ -7,29 +7,19 @@ import sys
 from typing import Sequence
 
 
-#: how each backend's kernels are verified in this project's CI (no accelerator there)
-_VERIFIED = {
-    "reference": "verified here",
-    "cpu": "verified here",
-    "triton": "verified here (CPU interpreter); GPU unverified",
-    "cuda": "unverified",
-    "ascend": "unverified",
-    "cambricon": "unverified",
-}
-
-
 def support_matrix() -> str:
-    """Markdown table op x backend from the kernels actually registered in this install."""
+    """Markdown table op x backend from the kernels registered in this install; each cell is the
+    backend's declared verification level (``Backend.verification``) or "not yet"."""
     from v4kernels import _registry as R
 
     for b in R.BACKENDS.values():
         b.load()
     names = list(R.BACKENDS)
-    fam = R._OP_FAMILY
+    fams = R.families()
     lines = ["| family | op | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for op in sorted(R.op_names(), key=lambda o: (R.FAMILIES.index(fam[o]), o)):
-        cells = [(_VERIFIED[n] if R._KERNELS.get(n, {}).get(op) else "not yet") for n in names]
-        lines.append(f"| {fam[op]} | `{op}` | " + " | ".join(cells) + " |")
+    for op in sorted(R.op_names(), key=lambda o: (fams.index(R.op_family(o)), o)):
+        cells = [(R.BACKENDS[n].verification if R._KERNELS.get(n, {}).get(op) else "not yet") for n in names]
+        lines.append(f"| {R.op_family(op)} | `{op}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -52,6 +42,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("devices:")
     for dev, p in _platform.device_probes().items():
         print(f"  {dev:5s} {'yes' if p.ok else 'no ':3s}  {p.detail}")
+    from v4kernels.backends import PLUGIN_ERRORS
+
+    for name, err in sorted(PLUGIN_ERRORS.items()):
+        print(f"backend plug-in {name}: failed to load: {err}")
     print("backends:")
     for b in _registry.BACKENDS.values():
         devs = ", ".join([f"{d} (auto, priority {p})" for d, p in sorted(b.auto_priority.items(), key=lambda x: x[1]) if d != "meta"]

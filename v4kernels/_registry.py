@@ -1,69 +1,73 @@
-"""Backends, kernel registration and per-call dispatch.
+"""Kernel registration and per-call dispatch.
 
-Every public operator is one ``torch.library`` custom op (namespace ``v4k``) whose body is
-:func:`dispatch`. Dispatch looks at the device of the first tensor argument, walks the backends
-that may run on that device in priority order (or the single backend the user forced), and calls
-the first kernel that reports no reasons against the arguments. Capabilities are data on the
-backend classes; every refusal is a readable reason, surfaced by :func:`available_backends` and
-``python -m v4kernels info``.
+Every public operator is one ``torch.library`` custom op (namespace ``v4k``) declared once with
+:func:`declare_op`. A call looks at the device of its first tensor argument, walks the backends
+that may run on that device in priority order (or the single backend the user forced), and runs
+the first kernel that reports no refusal for the arguments. Backends are plug-ins
+(``v4kernels/backends/``); their capabilities are data and every refusal is a readable reason,
+surfaced by :func:`available_backends` and ``python -m v4kernels info``.
 
-Kernel modules live next to their operator: ``v4kernels/ops/<family>/<backend>.py``. They register
-with :func:`register_kernel` when imported. The reference modules are imported eagerly (they are
-the executable spec); every other backend's modules are imported the first time that backend is
-consulted, and an import failure becomes a reason instead of an exception.
+Kernel modules live next to their operator: ``v4kernels/ops/<family>/<backend module>.py``. They
+register with :func:`register_kernel` when imported. The reference modules are imported eagerly
+(they are the executable spec); every other backend's modules are imported the first time that
+backend is consulted, and an import failure becomes a reason instead of an exception.
+
+Two call paths reach a kernel:
+
+* ``torch.ops.v4k.<op>`` (and ``torch.compile`` graphs, fake tensors, autograd): the custom op,
+  whose body validates the arguments with the op's ``check`` and dispatches.
+* the public functions (``v4kernels.hc_post`` ...) validate first, then call the op handle, which
+  in plain eager mode skips the torch dispatcher and jumps to the cached kernel; it takes the
+  custom-op path whenever tracing, a dispatch mode or autograd needs to see the op.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import functools
-import importlib
-import importlib.util
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+import pkgutil
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import _platform
-from ._ext import build_info, load_extension
-
-#: Operator families, one folder each under ``v4kernels/ops``.
-FAMILIES: tuple[str, ...] = (
-    "quant",
-    "rope_norm",
-    "compressor",
-    "indexer",
-    "indices",
-    "attention",
-    "mhc",
-    "moe",
-)
+from .backends import BACKENDS, Backend, Tolerance, get_backend, register_backend, unregister_backend  # noqa: F401
 
 
 class BackendUnavailableError(RuntimeError):
     """Raised when an explicitly requested backend cannot run a call; the message lists why."""
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """Per-dtype error budget of a backend relative to the reference."""
+@functools.cache
+def families() -> tuple[str, ...]:
+    """Operator families: the sub-packages of ``v4kernels/ops``, in a stable order."""
+    from . import ops
 
-    atol: float
-    rtol: float
-    cos_min: float = 0.9999
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(ops.__path__) if m.ispkg))
 
 
 @dataclass
 class KernelEntry:
     fn: Callable[..., Any]
+    #: ``refusals(*args) -> list[str]``: why this kernel cannot take these arguments (empty: it can)
     refusals: Callable[..., list[str]] | None = None
 
 
 # backend name -> op name -> kernel
 _KERNELS: dict[str, dict[str, KernelEntry]] = {}
-# op name -> list of argument names (from the schema), filled by declare_op
+# op name -> schema argument names, and op name -> family; filled by declare_op
 _OP_ARGS: dict[str, list[str]] = {}
+_OP_FAMILY: dict[str, str] = {}
+# op name -> its handle (see Op)
+_OPS: dict[str, "Op"] = {}
+# set once every family has declared its ops (the reference kernels register while they do)
+_ALL_DECLARED = False
+
+
+def op_family(op: str) -> str:
+    return _OP_FAMILY.get(op, "")
 
 
 def register_kernel(
@@ -71,12 +75,27 @@ def register_kernel(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn`` as ``backend``'s kernel for ``op``.
 
-    ``fn`` takes exactly the op's schema arguments. ``refusals(*args)`` may return reasons why
-    this kernel cannot handle particular arguments (dtype, shape limits); dispatch then moves on
-    to the next backend (or raises, if the backend was forced).
+    ``fn`` takes exactly the op's schema arguments (``docs/op_contracts.md``), already validated.
+    ``refusals(*args)`` may return reasons why this kernel cannot handle particular arguments
+    (dtype, shape limits); dispatch then moves on to the next backend (or raises, if the backend
+    was forced).
+
+    Example
+    -------
+    >>> import v4kernels
+    >>> @v4kernels.register_kernel("reference", "rms_norm")   # doctest: +SKIP
+    ... def my_rms_norm(x, weight, eps, hf_rounding): ...
     """
+    if not isinstance(backend, str) or not backend:
+        raise TypeError(f"register_kernel: backend must be a non-empty str, got {backend!r}")
+    if _ALL_DECLARED and op not in _OP_ARGS:
+        raise ValueError(f"register_kernel: unknown op {op!r}; expected one of {sorted(_OP_ARGS)}")
+    if refusals is not None and not callable(refusals):
+        raise TypeError(f"register_kernel: refusals must be callable or None, got {type(refusals).__name__}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(fn):
+            raise TypeError(f"register_kernel: kernel for {op} must be callable, got {type(fn).__name__}")
         _KERNELS.setdefault(backend, {})[op] = KernelEntry(fn, refusals)
         _PLAN.clear()
         return fn
@@ -84,213 +103,25 @@ def register_kernel(
     return deco
 
 
-# --------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------
+def register_kernels(backend: str, table: dict[str, Callable[..., Any]],
+                     refusals: dict[str, Callable[..., list[str]]] | None = None) -> None:
+    """Register a pass-through table ``{op: fn}`` (e.g. native implementation ops) for ``backend``."""
+    refusals = refusals or {}
+    unknown = set(refusals) - set(table)
+    if unknown:
+        raise ValueError(f"register_kernels: refusals given for ops without a kernel: {sorted(unknown)}")
+    for op, fn in table.items():
+        register_kernel(backend, op, refusals=refusals.get(op))(fn)
 
 
-class Backend:
-    """A family of kernels for some device types; capabilities are class attributes."""
-
-    name: ClassVar[str]
-    description: ClassVar[str]
-    #: device type -> priority when chosen automatically (lower runs first)
-    auto_priority: ClassVar[dict[str, int]] = {}
-    #: device types where the backend runs only when forced
-    forced_only_devices: ClassVar[frozenset[str]] = frozenset()
-    #: the module name of this backend inside each ``ops/<family>/`` folder
-    module: ClassVar[str]
-    #: per output dtype error budget against the reference
-    tolerances: ClassVar[dict[torch.dtype, Tolerance]] = {}
-
-    def __init__(self) -> None:
-        self._load_errors: dict[str, str] | None = None
-
-    # -- availability -----------------------------------------------------------------------
-    def backend_reasons(self, device_type: str) -> list[str]:
-        """Reasons this backend cannot run anything on ``device_type`` (empty if it can)."""
-        return []
-
-    def device_reasons(self, device_type: str, forced: bool) -> list[str]:
-        if device_type in self.auto_priority:
-            return []
-        if device_type in self.forced_only_devices:
-            if forced:
-                return []
-            return [f"{self.name} runs on {device_type} tensors only when forced (use_backend/V4K_BACKEND)"]
-        devs = sorted(set(self.auto_priority) | set(self.forced_only_devices))
-        return [f"{self.name} does not run on {device_type} tensors (runs on: {', '.join(devs) or 'none'})"]
-
-    def load(self) -> dict[str, str]:
-        """Import this backend's kernel modules once; returns {family: import error}."""
-        if self._load_errors is None:
-            errors: dict[str, str] = {}
-            for fam in FAMILIES:
-                modname = f"v4kernels.ops.{fam}.{self.module}"
-                if importlib.util.find_spec(modname) is None:
-                    continue
-                try:
-                    importlib.import_module(modname)
-                except Exception as e:  # noqa: BLE001 - recorded as a reason, shown by `info`
-                    errors[fam] = f"{modname} failed to import: {type(e).__name__}: {e}"
-            self._load_errors = errors
-        return self._load_errors
-
-    def kernel(self, op: str) -> KernelEntry | None:
-        self.load()
-        return _KERNELS.get(self.name, {}).get(op)
-
-    def op_reasons(self, op: str, device_type: str, forced: bool = False) -> list[str]:
-        """Reasons this backend cannot run ``op`` on ``device_type``, ignoring argument values."""
-        reasons = self.device_reasons(device_type, forced)
-        if reasons:
-            return reasons
-        reasons = self.backend_reasons(device_type)
-        if reasons:
-            return reasons
-        if self.kernel(op) is None:
-            fam = _OP_FAMILY.get(op)
-            err = self.load().get(fam or "")
-            if err:
-                return [err]
-            return [f"no {self.name} kernel for {op} yet"]
-        return []
-
-    def call_reasons(self, op: str, args: Sequence[Any], device_type: str, forced: bool) -> list[str]:
-        reasons = self.op_reasons(op, device_type, forced)
-        if reasons:
-            return reasons
-        entry = self.kernel(op)
-        assert entry is not None
-        return list(entry.refusals(*args)) if entry.refusals is not None else []
-
-
-class ReferenceBackend(Backend):
-    name = "reference"
-    description = "pure PyTorch, fp32 math; the executable specification (any device)"
-    auto_priority = {"cpu": 100, "cuda": 100, "npu": 100, "mlu": 100, "meta": 100}
-    module = "reference"
-    tolerances = {
-        torch.float32: Tolerance(0.0, 0.0, 1.0),
-        torch.bfloat16: Tolerance(0.0, 0.0, 1.0),
-        torch.float16: Tolerance(0.0, 0.0, 1.0),
-    }
-
-    def device_reasons(self, device_type: str, forced: bool) -> list[str]:
-        return []
-
-
-class TritonBackend(Backend):
-    name = "triton"
-    description = "Triton kernels (NVIDIA GPUs, Triton-Ascend on NPUs; CPU via TRITON_INTERPRET=1 when forced)"
-    auto_priority = {"cuda": 20, "npu": 30}
-    forced_only_devices = frozenset({"cpu"})
-    module = "triton"
-    tolerances = {
-        torch.float32: Tolerance(2e-5, 2e-5, 0.99999),
-        torch.bfloat16: Tolerance(1e-2, 1.6e-2, 0.9999),
-        torch.float16: Tolerance(2e-3, 2e-3, 0.9999),
-    }
-
-    def backend_reasons(self, device_type: str) -> list[str]:
-        p = _platform.triton_probe()
-        if not p.ok:
-            return [p.detail]
-        if device_type == "cpu" and not _platform.triton_interpret():
-            return ["triton on cpu tensors needs TRITON_INTERPRET=1 set before importing v4kernels"]
-        if device_type == "cuda" and not _platform.cuda_probe().ok:
-            return [_platform.cuda_probe().detail]
-        if device_type == "npu":
-            try:
-                import triton.backends  # noqa: F401
-
-                if importlib.util.find_spec("triton.backends.ascend") is None:
-                    return ["installed triton has no Ascend backend (Triton-Ascend not installed)"]
-            except ImportError as e:
-                return [f"triton backends not importable: {e}"]
-        return []
-
-
-class CpuBackend(Backend):
-    name = "cpu"
-    description = "native C++ kernels (OpenMP, AVX2/AVX-512 fp32 math on bf16/FP8/FP4 storage)"
-    auto_priority = {"cpu": 10}
-    module = "cpu"
-    tolerances = {
-        torch.float32: Tolerance(1e-5, 1e-5, 0.99999),
-        torch.bfloat16: Tolerance(1e-2, 1.6e-2, 0.9999),
-        torch.float16: Tolerance(2e-3, 2e-3, 0.9999),
-    }
-
-    def backend_reasons(self, device_type: str) -> list[str]:
-        # Check the ISA the extension was compiled for before loading it: a binary built for
-        # AVX-512 must not even be imported on a CPU without it.
-        missing = _platform.missing_cpu_features(build_info().get("cpu_isa", ""))
-        if missing:
-            return [f"v4kernels._C_cpu was built for {build_info().get('cpu_isa')} but this CPU lacks {', '.join(missing)}; "
-                    "rebuild with V4K_CPU_ISA=avx2 or baseline"]
-        p = load_extension("_C_cpu", "cpu")
-        return [] if p.ok else [p.detail]
-
-
-class CudaBackend(Backend):
-    name = "cuda"
-    description = "native CUDA kernels (csrc/cuda)"
-    auto_priority = {"cuda": 10}
-    module = "cuda"
-    tolerances = TritonBackend.tolerances
-
-    def backend_reasons(self, device_type: str) -> list[str]:
-        p = _platform.cuda_probe()
-        if not p.ok:
-            return [p.detail]
-        e = load_extension("_C_cuda", "cuda")
-        return [] if e.ok else [e.detail]
-
-
-class AscendBackend(Backend):
-    name = "ascend"
-    description = "Huawei Ascend: torch_npu fused ops (csrc/ascend)"
-    auto_priority = {"npu": 10}
-    module = "ascend"
-    tolerances = TritonBackend.tolerances
-
-    def backend_reasons(self, device_type: str) -> list[str]:
-        p = _platform.npu_probe()
-        return [] if p.ok else [p.detail]
-
-
-class CambriconBackend(Backend):
-    name = "cambricon"
-    description = "Cambricon MLU: torch_mlu / torch_mlu_ops fused ops (csrc/cambricon)"
-    auto_priority = {"mlu": 10}
-    module = "cambricon"
-    tolerances = TritonBackend.tolerances
-
-    def backend_reasons(self, device_type: str) -> list[str]:
-        p = _platform.mlu_probe()
-        return [] if p.ok else [p.detail]
-
-
-BACKENDS: dict[str, Backend] = {
-    b.name: b
-    for b in (
-        ReferenceBackend(),
-        TritonBackend(),
-        CpuBackend(),
-        CudaBackend(),
-        AscendBackend(),
-        CambriconBackend(),
-    )
-}
-_OP_FAMILY: dict[str, str] = {}
-
-
-def get_backend(name: str) -> Backend:
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; expected one of {sorted(BACKENDS)}") from None
+def triton_launch_row(target: str) -> dict[str, dict[str, int]] | None:
+    """The Triton launch parameters for ``target`` (a device type, or ``"interpret"``), from the
+    backend that declares them (``Backend.triton_blocks``)."""
+    for b in BACKENDS.values():
+        row = b.triton_blocks.get(target)
+        if row is not None:
+            return row
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,8 +146,12 @@ def _parse_env(value: str) -> tuple[tuple[str | None, str], ...]:
 
 def forced_backend(op: str) -> str | None:
     """The backend forced for ``op`` by ``use_backend`` (innermost first) or ``V4K_BACKEND``."""
-    for scope in (_FORCED.get(), _parse_env(os.environ.get("V4K_BACKEND", ""))):
-        for target, name in reversed(scope):
+    scope = _FORCED.get()
+    env = os.environ.get("V4K_BACKEND")
+    if not scope and not env:
+        return None
+    for s in (scope, _parse_env(env or "")):
+        for target, name in reversed(s):
             if target is None or target == op:
                 return name
     return None
@@ -324,7 +159,8 @@ def forced_backend(op: str) -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str, ops: Sequence[str] | str | None = None) -> Iterator[None]:
-    """Force ``name`` for every op (or only ``ops``) inside the ``with`` block.
+    """Force ``name`` for every op (or only ``ops``) inside the ``with`` block, in this thread
+    (and in tasks started from it: the setting is a context variable).
 
     A forced backend that cannot run a call raises :class:`BackendUnavailableError` listing its
     reasons; it never silently falls back.
@@ -350,11 +186,82 @@ def use_backend(name: str, ops: Sequence[str] | str | None = None) -> Iterator[N
 
 
 # --------------------------------------------------------------------------------------------
-# Dispatch
+# Per-thread bookkeeping: what ran, usage counts, recordings
 # --------------------------------------------------------------------------------------------
 
-_LAST_USED: dict[str, str] = {}
-_USAGE: dict[tuple[str, str], int] = {}
+_THREAD = threading.local()
+_USAGE: contextvars.ContextVar[dict[tuple[str, str], int] | None] = contextvars.ContextVar("v4k_usage", default=None)
+_RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("v4k_recording", default=None)
+
+
+def _last_used() -> dict[str, str]:
+    d = getattr(_THREAD, "last", None)
+    if d is None:
+        d = _THREAD.last = {}
+    return d
+
+
+def last_backend(op: str) -> str | None:
+    """Name of the backend that ran the most recent call of ``op`` in this thread."""
+    return _last_used().get(op)
+
+
+@contextlib.contextmanager
+def track_usage() -> Iterator[dict[tuple[str, str], int]]:
+    """Count ``(op, backend)`` calls made in this thread inside the block.
+
+    Counting costs a dict update per call, so it happens only inside this block (or
+    :func:`record_calls`). Nested blocks each count their own calls.
+
+    Example
+    -------
+    >>> import torch, v4kernels
+    >>> with v4kernels.track_usage() as usage:
+    ...     _ = v4kernels.rms_norm(torch.randn(2, 8), None)
+    >>> sum(n for (op, _), n in usage.items() if op == "rms_norm")
+    1
+    """
+    counts: dict[tuple[str, str], int] = {}
+    parent = _USAGE.get()
+    token = _USAGE.set(counts)
+    try:
+        yield counts
+    finally:
+        _USAGE.reset(token)
+        if parent is not None:
+            for k, n in counts.items():
+                parent[k] = parent.get(k, 0) + n
+
+
+def backend_usage(reset: bool = False) -> dict[tuple[str, str], int]:
+    """Counts of ``(op, backend)`` calls in the innermost :func:`track_usage` block of this thread
+    (empty outside one); ``reset=True`` zeroes them after reading."""
+    counts = _USAGE.get()
+    if counts is None:
+        return {}
+    out = dict(counts)
+    if reset:
+        counts.clear()
+    return out
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[list[tuple[str, str, tuple[Any, ...], Any]]]:
+    """Record ``(op, backend, copied schema args, outputs)`` of every call made in this thread
+    inside the block (used to re-check a real workload op by op against the reference on
+    identical inputs). Calls are also counted as by :func:`track_usage`."""
+    calls: list[tuple[str, str, tuple[Any, ...], Any]] = []
+    token = _RECORDING.set(calls)
+    try:
+        with track_usage():
+            yield calls
+    finally:
+        _RECORDING.reset(token)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------
 
 
 def _device_type(args: Sequence[Any]) -> str:
@@ -365,6 +272,9 @@ def _device_type(args: Sequence[Any]) -> str:
             for b in a:
                 if isinstance(b, torch.Tensor):
                     return b.device.type
+    for a in args:
+        if isinstance(a, torch.device):
+            return a.type
     return "cpu"
 
 
@@ -376,7 +286,7 @@ def candidates(op: str, device_type: str) -> list[Backend]:
 
 # (op, device type, forced backend or None) -> backends whose argument-independent checks pass,
 # in priority order, with their kernels. Availability does not change within a process (probes
-# and extension loads are cached), so only the kernels' `refusals` checks run per call.
+# and extension loads are cached), so only the kernels' `refusals` run per call.
 _PLAN: dict[tuple[str, str, str | None], list[tuple[Backend, KernelEntry]]] = {}
 
 
@@ -389,73 +299,175 @@ def _plan(op: str, device_type: str, forced: str | None) -> list[tuple[Backend, 
     key = (op, device_type, forced)
     plan = _PLAN.get(key)
     if plan is None:
-        backends = [BACKENDS[forced]] if forced is not None else candidates(op, device_type)
+        backends = [get_backend(forced)] if forced is not None else candidates(op, device_type)
         plan = []
         for b in backends:
             if not b.op_reasons(op, device_type, forced=forced is not None):
-                entry = b.kernel(op)
-                assert entry is not None
-                plan.append((b, entry))
+                plan.append((b, b.kernel(op)))
         _PLAN[key] = plan
     return plan
 
 
-def select_backend(op: str, args: Sequence[Any]) -> tuple[Backend, KernelEntry]:
-    device_type = _device_type(args)
+def select_backend(op: str, args: Sequence[Any], device_type: str | None = None) -> tuple[Backend, KernelEntry]:
+    if device_type is None:
+        device_type = _device_type(args)
     forced = forced_backend(op)
     for b, entry in _plan(op, device_type, forced):
         if entry.refusals is None or not entry.refusals(*args):
             return b, entry
     # nothing can run: recompute the reasons in full for the error message
     if forced is not None:
-        reasons = BACKENDS[forced].call_reasons(op, args, device_type, forced=True)
+        reasons = get_backend(forced).call_reasons(op, tuple(args), device_type, forced=True)
         raise BackendUnavailableError(
             f"backend {forced!r} was requested for {op} on {device_type} but cannot run it: " + "; ".join(reasons)
         )
-    tried = [f"{b.name}: {'; '.join(b.call_reasons(op, args, device_type, forced=False))}" for b in candidates(op, device_type)]
+    tried = [f"{b.name}: {'; '.join(b.call_reasons(op, tuple(args), device_type, forced=False))}"
+             for b in candidates(op, device_type)]
     raise BackendUnavailableError(f"no backend can run {op} on {device_type}: " + " | ".join(tried))
 
 
-def dispatch(op: str, *args: Any) -> Any:
-    backend, entry = select_backend(op, args)
-    _LAST_USED[op] = backend.name
-    key = (op, backend.name)
-    _USAGE[key] = _USAGE.get(key, 0) + 1
-    if _RECORDING is not None:
-        # inputs are copied before the call: callers may update them in place afterwards
-        saved = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        out = entry.fn(*args)
-        _RECORDING.append((op, backend.name, saved, out))
-        return out
+def _run(op: str, args: tuple, device_type: str | None = None) -> Any:
+    backend, entry = select_backend(op, args, device_type)
+    last = getattr(_THREAD, "last", None)
+    if last is None:
+        last = _last_used()
+    last[op] = backend.name
+    usage = _USAGE.get()
+    if usage is not None:
+        key = (op, backend.name)
+        usage[key] = usage.get(key, 0) + 1
+        recording = _RECORDING.get()
+        if recording is not None:
+            # inputs are copied before the call: callers may update them in place afterwards
+            saved = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            out = entry.fn(*args)
+            recording.append((op, backend.name, saved, out))
+            return out
     return entry.fn(*args)
 
 
-_RECORDING: list[tuple[str, str, tuple[Any, ...], Any]] | None = None
+def dispatch(op: str, *args: Any) -> Any:
+    """Run ``op`` on already validated schema arguments through the backend selection."""
+    return _run(op, args)
 
 
-@contextlib.contextmanager
-def record_calls() -> Iterator[list[tuple[str, str, tuple[Any, ...], Any]]]:
-    """Record ``(op, backend, copied schema args, outputs)`` of every dispatched call in the block
-    (used to re-check a real workload op by op against the reference on identical inputs)."""
-    global _RECORDING
-    prev, _RECORDING = _RECORDING, []
-    try:
-        yield _RECORDING
-    finally:
-        _RECORDING = prev
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
-def last_backend(op: str) -> str | None:
-    """Name of the backend that ran the most recent call of ``op`` in this process."""
-    return _LAST_USED.get(op)
+class Op:
+    """Handle of one declared op: calling it runs the op on validated schema arguments.
+
+    In plain eager mode it goes straight to the cached kernel (no torch dispatcher round trip);
+    under ``torch.compile``, a dispatch mode (fake tensors, functionalisation), on meta tensors or
+    when autograd must see the call, it calls the custom op ``torch.ops.v4k.<name>``.
+    """
+
+    __slots__ = ("name", "family", "overload", "check", "differentiable", "_tensor_pos")
+
+    def __init__(self, name: str, family: str, overload: Any, check: Callable[..., None] | None,
+                 differentiable: bool, tensor_pos: tuple[int, ...]) -> None:
+        self.name, self.family, self.overload, self.check = name, family, overload, check
+        self.differentiable = differentiable
+        self._tensor_pos = tensor_pos
+
+    def __call__(self, *args: Any) -> Any:
+        if _is_compiling() or _dispatch_modes():
+            return self.overload(*args)
+        grad = torch.is_grad_enabled()
+        device_type = None
+        for i in self._tensor_pos:
+            t = args[i]
+            if t is None:
+                continue
+            if device_type is None:
+                device_type = t.device.type
+            if grad and t.requires_grad:
+                return self.overload(*args)
+        if device_type is None:
+            device_type = _device_type(args)
+        elif device_type == "meta":
+            return self.overload(*args)
+        return _run(self.name, args, device_type)
+
+    def __repr__(self) -> str:
+        return f"<v4kernels op {self.name}>"
 
 
-def backend_usage(reset: bool = False) -> dict[tuple[str, str], int]:
-    """Counts of (op, backend) calls since the last reset."""
-    out = dict(_USAGE)
-    if reset:
-        _USAGE.clear()
-    return out
+_LIB = torch.library.Library("v4k", "DEF")
+
+
+def _tensor_positions(schema: torch._C.FunctionSchema) -> tuple[int, ...]:
+    pos = []
+    for i, a in enumerate(schema.arguments):
+        t = a.type
+        if isinstance(t, torch._C.TensorType) or (isinstance(t, torch._C.OptionalType)
+                                                  and isinstance(t.getElementType(), torch._C.TensorType)):
+            pos.append(i)
+    return tuple(pos)
+
+
+def _requires_grad(args: Sequence[Any]) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+        if isinstance(a, (list, tuple)) and any(isinstance(b, torch.Tensor) and b.requires_grad for b in a):
+            return True
+    return False
+
+
+def declare_op(
+    family: str,
+    name: str,
+    schema: str,
+    fake: Callable[..., Any],
+    *,
+    check: Callable[..., None] | None = None,
+    autograd: tuple[Callable[..., Any], Callable[..., Any]] | None = None,
+) -> Op:
+    """Define ``v4k::<name><schema>``, the one declaration of an op every backend implements.
+
+    ``fake`` computes output metadata for FakeTensor/meta tracing (torch.compile, graph capture).
+    ``check(*schema_args)`` validates arguments and raises ``TypeError``/``ValueError``; it runs
+    inside the custom op, so ``torch.ops.v4k.<name>`` rejects bad input exactly like the public
+    function. ``autograd=(backward, setup_context)`` registers a backward
+    (``torch.library.register_autograd``); without it a call that needs gradients raises
+    at forward time instead of silently producing ``None`` gradients.
+    Returns the op handle (see :class:`Op`).
+    """
+    _LIB.define(f"{name}{schema}")
+    parsed = torch._C.parse_schema(f"v4k::{name}{schema}")
+    arg_names = [a.name for a in parsed.arguments]
+    _OP_ARGS[name] = arg_names
+    _OP_FAMILY[name] = family
+
+    def impl(*args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            args = args + tuple(kwargs[n] for n in arg_names[len(args):])
+        if check is not None:
+            check(*args)
+        return _run(name, args)
+
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"v4k::{name}", fake, lib=_LIB)
+    overload = getattr(torch.ops.v4k, name).default
+    if autograd is not None:
+        backward, setup_context = autograd
+        torch.library.register_autograd(f"v4k::{name}", backward, setup_context=setup_context, lib=_LIB)
+    else:
+        def no_backward(*args: Any, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled() and (_requires_grad(args) or _requires_grad(tuple(kwargs.values()))):
+                raise RuntimeError(
+                    f"{name} has no backward: an input requires grad; call it under torch.no_grad() or "
+                    f"torch.inference_mode(), or detach the inputs"
+                )
+            with torch._C._AutoDispatchBelowAutograd():
+                return overload(*args, **kwargs)
+
+        _LIB.impl(name, no_backward, "Autograd")
+    op = Op(name, family, overload, check, autograd is not None, _tensor_positions(parsed))
+    _OPS[name] = op
+    return op
 
 
 def available_backends(op: str | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -481,35 +493,6 @@ def op_names() -> list[str]:
     return sorted(_OP_ARGS)
 
 
-# --------------------------------------------------------------------------------------------
-# Declaring operators
-# --------------------------------------------------------------------------------------------
-
-_LIB = torch.library.Library("v4k", "DEF")
-
-
-def declare_op(family: str, name: str, schema: str, fake: Callable[..., Any]) -> Any:
-    """Define ``v4k::<name><schema>`` whose implementation is :func:`dispatch`.
-
-    ``fake`` computes output metadata for FakeTensor/meta tracing (torch.compile, graph capture).
-    Returns the ``OpOverload`` (``torch.ops.v4k.<name>.default``).
-    """
-    _LIB.define(f"{name}{schema}")
-    arg_names = [a.name for a in torch._C.parse_schema(f"v4k::{name}{schema}").arguments]
-    _OP_ARGS[name] = arg_names
-    _OP_FAMILY[name] = family
-
-    def impl(*args: Any, **kwargs: Any) -> Any:
-        if kwargs:
-            args = args + tuple(kwargs[n] for n in arg_names[len(args):])
-        return dispatch(name, *args)
-
-    _LIB.impl(name, impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"v4k::{name}", fake, lib=_LIB)
-    return getattr(torch.ops.v4k, name).default
-
-
 def reference_kernel(op: str) -> Callable[..., Any]:
     """The reference implementation of ``op`` (always importable)."""
-    entry = _KERNELS["reference"][op]
-    return entry.fn
+    return _KERNELS["reference"][op].fn

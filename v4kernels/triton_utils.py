@@ -39,54 +39,21 @@ def interpret() -> bool:
 # Block-size tables
 # --------------------------------------------------------------------------------------------
 
-#: per target kind -> per kernel -> block parameters. Under the interpreter every program costs
-#: about a millisecond, so blocks are as large as the problem sizes of the tests allow.
-_BLOCKS: dict[str, dict[str, dict[str, int]]] = {
-    "interpret": {
-        "rows": {"BLOCK_R": 64},
-        "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128},
-        "attn": {"BLOCK_H": 64, "BLOCK_K": 64, "SPLIT_MIN": 64},
-        "indexer": {"BLOCK_N": 128, "BLOCK_H": 64},
-        "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
-        "compressor": {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 512, "BLOCK_S": 128, "BLOCK_T": 128, "BLOCK_W": 1024,
-                       "BLOCK_WIN": 64, "POOL_TILE": 65536},
-        "indices": {"BLOCK_S": 64, "BLOCK_U": 128},
-    },
-    # Ampere/Hopper/Blackwell class GPUs (also the default for unknown CUDA devices).
-    "cuda": {
-        "rows": {"BLOCK_R": 8},
-        "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128},
-        "attn": {"BLOCK_H": 16, "BLOCK_K": 32, "SPLIT_MIN": 256},
-        "indexer": {"BLOCK_N": 64, "BLOCK_H": 64},
-        "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
-        "compressor": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_S": 8, "BLOCK_T": 4, "BLOCK_W": 256,
-                       "BLOCK_WIN": 1, "POOL_TILE": 4096},
-        "indices": {"BLOCK_S": 16, "BLOCK_U": 128},
-    },
-    # Ascend (Triton-Ascend): fewer, larger programs work best on its AI cores.
-    "npu": {
-        "rows": {"BLOCK_R": 16},
-        "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128},
-        "attn": {"BLOCK_H": 16, "BLOCK_K": 64, "SPLIT_MIN": 512},
-        "indexer": {"BLOCK_N": 128, "BLOCK_H": 64},
-        "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
-        "compressor": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_S": 16, "BLOCK_T": 8, "BLOCK_W": 512,
-                       "BLOCK_WIN": 1, "POOL_TILE": 8192},
-        "indices": {"BLOCK_S": 32, "BLOCK_U": 128},
-    },
-}
-
-
 def target_kind(device: torch.device) -> str:
     """``"interpret"`` for CPU tensors under the interpreter, else the device type."""
     if device.type == "cpu" or interpret():
         return "interpret"
-    return device.type if device.type in _BLOCKS else "cuda"
+    return device.type
 
 
 def block_config(kernel: str, device: torch.device) -> dict[str, int]:
-    """Block parameters of ``kernel`` for ``device`` (see ``_BLOCKS``)."""
-    return dict(_BLOCKS[target_kind(device)][kernel])
+    """Launch parameters of ``kernel`` for ``device``: the row its backend declares
+    (``Backend.triton_blocks``: ``cuda`` in backends/cuda.py, ``npu`` in backends/ascend.py,
+    ``interpret`` in backends/triton.py). Unknown GPU-like devices use the ``cuda`` row."""
+    from ._registry import triton_launch_row
+
+    row = triton_launch_row(target_kind(device)) or triton_launch_row("cuda")
+    return dict(row[kernel])
 
 
 def dot_bf16(device: torch.device) -> bool:
