@@ -395,6 +395,12 @@ class Op:
 
 
 _LIB = torch.library.Library("v4k", "DEF")
+#: The implementation schemas: ``v4k_impl::<op>`` has exactly the schema of ``v4k::<op>`` and no
+#: Python body. Native libraries implement it per dispatch key
+#: (``TORCH_LIBRARY_IMPL(v4k_impl, CPU | CUDA | PrivateUse1, m)``) and never restate it; their
+#: Python adapters register ``torch.ops.v4k_impl.<op>`` as the backend's kernel (see
+#: :func:`native_kernels`).
+_IMPL_LIB = torch.library.Library("v4k_impl", "DEF")
 
 
 def _tensor_positions(schema: torch._C.FunctionSchema) -> tuple[int, ...]:
@@ -436,6 +442,7 @@ def declare_op(
     Returns the op handle (see :class:`Op`).
     """
     _LIB.define(f"{name}{schema}")
+    _IMPL_LIB.define(f"{name}{schema}")
     parsed = torch._C.parse_schema(f"v4k::{name}{schema}")
     arg_names = [a.name for a in parsed.arguments]
     _OP_ARGS[name] = arg_names
@@ -468,6 +475,17 @@ def declare_op(
     op = Op(name, family, overload, check, autograd is not None, _tensor_positions(parsed))
     _OPS[name] = op
     return op
+
+
+def native_kernels(dispatch_key: str) -> dict[str, Callable[..., Any]]:
+    """``{op: torch.ops.v4k_impl.<op>}`` for every op a loaded native library implements on
+    ``dispatch_key`` (``"CPU"``, ``"CUDA"``, ``"PrivateUse1"``): the pass-through table a native
+    backend registers with :func:`register_kernels`."""
+    out = {}
+    for op in _OP_ARGS:
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"v4k_impl::{op}", dispatch_key):
+            out[op] = getattr(torch.ops.v4k_impl, op).default
+    return out
 
 
 def available_backends(op: str | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
