@@ -114,8 +114,7 @@ def run_demo(model: str = "flash", prefill: int = 2048, decode: int = 4, n_exper
         e = emb[:, sl]
         return e.unsqueeze(2).expand(*e.shape[:2], cfg.hc_mult, cfg.dim).contiguous()
 
-    R.backend_usage(reset=True)
-    with _maybe_backend(backend), torch.inference_mode():
+    with R.track_usage(), _maybe_backend(backend), torch.inference_mode():
         t = time.perf_counter()
         m.step(streams(slice(0, prefill)), 0, token_ids[:, :prefill])
         prefill_s = time.perf_counter() - t
@@ -150,7 +149,6 @@ def run_demo(model: str = "flash", prefill: int = 2048, decode: int = 4, n_exper
             ref = m.step(*step_in)
             parity["reference_step_s"] = time.perf_counter() - t
         m.restore(after)
-        R.backend_usage(reset=True)
         a, e = out.float(), ref.float()
         parity["max_abs"] = float((a - e).abs().max())
         parity["ref_max_abs"] = float(e.abs().max())

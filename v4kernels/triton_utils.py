@@ -25,6 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .formats import DTYPE_CODES
+
+# storage codes as compile-time constants (OUT_KIND arguments of store_out / round_to_out)
+_BF16 = tl.constexpr(DTYPE_CODES[torch.bfloat16])
+_F16 = tl.constexpr(DTYPE_CODES[torch.float16])
+
 #: e4m3 / e2m1 format maxima (SPEC §4.1)
 FP8_MAX = 448.0
 FP4_MAX = 6.0
@@ -79,7 +85,7 @@ def num_sms(device: torch.device) -> int:
 # Output dtype plumbing
 # --------------------------------------------------------------------------------------------
 
-_OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_OUT_KIND = DTYPE_CODES
 
 
 def out_kind(dtype: torch.dtype) -> int:
@@ -129,9 +135,9 @@ def bf16_rne_bits(x):
 @triton.jit
 def store_out(ptr, x, mask, OUT_KIND: tl.constexpr):
     """Store fp32 ``x`` as fp32 (0), bf16 through an int16 pointer (1) or fp16 (2)."""
-    if OUT_KIND == 1:
+    if OUT_KIND == _BF16:
         tl.store(ptr, bf16_rne_bits(x), mask=mask)
-    elif OUT_KIND == 2:
+    elif OUT_KIND == _F16:
         tl.store(ptr, x.to(tl.float16), mask=mask)
     else:
         tl.store(ptr, x, mask=mask)
@@ -140,10 +146,10 @@ def store_out(ptr, x, mask, OUT_KIND: tl.constexpr):
 @triton.jit
 def round_to_out(x, OUT_KIND: tl.constexpr):
     """fp32 value of ``x`` rounded to the output dtype (for intermediate roundings)."""
-    if OUT_KIND == 1:
+    if OUT_KIND == _BF16:
         b = bf16_rne_bits(x).to(tl.int32) & 0xFFFF
         return (b << 16).to(tl.float32, bitcast=True)
-    elif OUT_KIND == 2:
+    elif OUT_KIND == _F16:
         return x.to(tl.float16).to(tl.float32)
     else:
         return x

@@ -93,17 +93,18 @@ using Fns = Table<1, 2, 3>;
 inline void decode_kv_row(const void* kv, int kv_kind, int64_t row, int64_t D, float* dst) {
   if (kv_kind == KV_FP8_PACKED) {
     const uint8_t* p = static_cast<const uint8_t*>(kv) + row * kPackedRowBytes;
-    // SPEC §13.1: 7 blocks of 64 e4m3 nope values, each scaled by its UE8M0 byte at 576+blk;
-    // then the 64 rope values stored as little-endian bf16 at bytes 448..575.
-    for (int blk = 0; blk < 7; ++blk) {
-      float s = ue8m0_to_f32(p[576 + blk]);
-      const uint8_t* e = p + blk * 64;
-      float* o = dst + blk * 64;
-      for (int i = 0; i < 64; ++i) o[i] = kFp8.v[e[i]] * s;
+    // SPEC §13.1: kKvNScales blocks of kKvScaleBlock e4m3 nope values, each scaled by its UE8M0
+    // byte at kKvScaleOffset + blk; then the rope values as little-endian bf16 from kKvRopeOffset.
+    for (int blk = 0; blk < v4k::kKvNScales; ++blk) {
+      float s = ue8m0_to_f32(p[v4k::kKvScaleOffset + blk]);
+      const uint8_t* e = p + blk * v4k::kKvScaleBlock;
+      float* o = dst + blk * v4k::kKvScaleBlock;
+      for (int i = 0; i < v4k::kKvScaleBlock; ++i) o[i] = kFp8.v[e[i]] * s;
     }
-    for (int i = 0; i < 64; ++i) {
-      uint16_t h = static_cast<uint16_t>(p[448 + 2 * i] | (p[449 + 2 * i] << 8));
-      dst[448 + i] = bf16_to_f32(h);
+    for (int i = 0; i < v4k::kRopeDim; ++i) {
+      const uint8_t* b = p + v4k::kKvRopeOffset + 2 * i;
+      uint16_t h = static_cast<uint16_t>(b[0] | (b[1] << 8));
+      dst[v4k::kNopeDim + i] = bf16_to_f32(h);
     }
   } else {
     const char* base = static_cast<const char*>(kv) + row * D * elem_size(kv_kind);

@@ -18,6 +18,8 @@
 #include <limits>
 #include <vector>
 
+#include "v4k_formats.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -62,8 +64,11 @@ static inline float vsum(vf v) {
   return s;
 }
 
-// Storage type codes passed from register.cpp.
-enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+// Float storage codes (v4k_formats.h).
+using v4k::BF16;
+using v4k::DType;
+using v4k::F16;
+using v4k::F32;
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;

@@ -1,23 +1,36 @@
-// Raw-pointer entry points of the CPU kernels. register.cpp validates and allocates with ATen
-// and calls these; the kernel translation units never see a torch header.
+// Raw-pointer entry points of the CPU kernels and their capability limits. The <family>_ops.cpp
+// bindings validate and allocate with ATen and call these; the kernel translation units never see
+// a torch header. Storage codes and the packed KV row come from v4k_formats.h (generated from
+// v4kernels/formats.py).
 #pragma once
 
 #include <cstdint>
 
+#include "v4k_formats.h"
+
 namespace v4k_cpu {
 
-// KV storage kinds of sparse_attn: the float codes of common.h (F32/BF16/F16) or the packed
-// 584-byte FP8 rows of SPEC §13.1.
-constexpr int KV_FP8_PACKED = 100;
-constexpr int64_t kPackedRowBytes = 584;
+using v4k::KEY_FP4;
+using v4k::KEY_FP8;
+using v4k::KV_FP8_PACKED;
+using v4k::kPackedRowBytes;
+using v4k::W_FP4;
+using v4k::W_FP8;
 
+// Capability limits of these kernels: the one place they are written. The bindings enforce them
+// and torch.ops.v4k_cpu.limits() exposes them to Python (the adapters' refusals and the tests
+// read them from there).
+constexpr int64_t kAttnHeadDimMultiple = 64;  // sparse_attn: head dim a multiple of this
+constexpr int64_t kHcPostMaxStreams = 64;     // hc_post: residual streams
+constexpr int64_t kMoeMaxTopk = 64;           // moe_experts: experts per token
+
+// sparse_attn KV storage: a float code (F32/BF16/F16) or KV_FP8_PACKED (584-byte rows, SPEC §13.1).
 void sparse_attn(const void* q, int q_dtype, const void* kv, int kv_kind, const float* sink,
                  const int32_t* idx, float scale, void* out, int64_t B, int64_t M, int64_t H,
                  int64_t D, int64_t N, int64_t K);
 
-// Indexer key storage: float codes, or these.
-constexpr int KEY_FP8 = 101;  // e4m3 [B,N,dI] + fp32 scales [B,N,dI/128]
-constexpr int KEY_FP4 = 102;  // packed e2m1 [B,N,dI/2] + fp32 scales [B,N,dI/32]
+// Indexer key storage: a float code, KEY_FP8 (e4m3 [B,N,dI] + fp32 scales [B,N,dI/128]) or
+// KEY_FP4 (packed e2m1 [B,N,dI/2] + fp32 scales [B,N,dI/32]).
 
 // scores: out [B,S,N] fp32 (nullptr to skip); topk: out_idx [B,S,kout] int32 (nullptr to skip).
 void indexer(const void* q, int q_dtype, const void* w, int w_dtype, const void* keys, int key_kind,
@@ -38,8 +51,6 @@ void hc_post(const void* x, int x_dtype, const void* residual, const float* post
 // Weights [E, rows, cols] in one of: a float storage code (F32/BF16/F16), e4m3 with fp32 scales
 // [E, ceil(rows/128), ceil(cols/128)], or packed e2m1 [E, rows, cols/2] with fp32 scales
 // [E, rows, cols/32]. A plain 2-D weight is E = 1.
-constexpr int W_FP8 = 201;
-constexpr int W_FP4 = 202;
 struct WeightView {
   const void* data;
   const float* scales;
@@ -108,5 +119,16 @@ void compress_kv(const CompressArgs& a);
 
 void hc_head(const void* x, int x_dtype, const float* hc_fn, const float* hc_scale, const float* hc_base, int64_t T,
              int64_t hc, int64_t D, float norm_eps, float hc_eps, void* out);
+
+struct Limit {
+  const char* name;
+  int64_t value;
+};
+constexpr Limit kLimits[] = {
+    {"sparse_attn.head_dim_multiple", kAttnHeadDimMultiple},
+    {"hc_post.max_streams", kHcPostMaxStreams},
+    {"moe_experts.max_topk", kMoeMaxTopk},
+    {"grouped_linear.direct_max_tokens", kGroupedDirectMaxT},
+};
 
 }  // namespace v4k_cpu

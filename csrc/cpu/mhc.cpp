@@ -295,7 +295,7 @@ template <int DT, int HC>
 void post_range(const void* x, const void* residual, const float* pt, const float* ct, int64_t t, int64_t hc_rt,
                 int64_t D, int64_t d0, int64_t d1, bool bf16_mix, void* out) {
   const int64_t hc = HC > 0 ? HC : hc_rt;
-  float pk[64], cjk[64 * 64];  // cjk[k][j] = C[j,k]
+  float pk[kHcPostMaxStreams], cjk[kHcPostMaxStreams * kHcPostMaxStreams];  // cjk[k][j] = C[j,k]
   for (int64_t k = 0; k < hc; ++k) {
     pk[k] = bf16_mix ? round_to(DT, pt[k]) : pt[k];
     for (int64_t j = 0; j < hc; ++j) cjk[k * hc + j] = bf16_mix ? round_to(DT, ct[j * hc + k]) : ct[j * hc + k];
@@ -303,7 +303,7 @@ void post_range(const void* x, const void* residual, const float* pt, const floa
   const void* rt = static_cast<const char*>(residual) + t * hc * D * elem_size(DT);
   void* ot = static_cast<char*>(out) + t * hc * D * elem_size(DT);
   const int64_t dv = d0 + (d1 - d0) / VW * VW;
-  vf rv[HC > 0 ? HC : 64];
+  vf rv[HC > 0 ? HC : kHcPostMaxStreams];
   for (int64_t d = d0; d < dv; d += VW) {
     const vf a = vload_as(x, DT, t * D + d);
     for (int64_t j = 0; j < hc; ++j) rv[j] = vload_as(rt, DT, j * D + d);
@@ -324,7 +324,7 @@ void post_range(const void* x, const void* residual, const float* pt, const floa
   if (dv == d1) return;
   const int64_t n = d1 - dv;
   const int es = elem_size(DT);
-  float a[VW], rr[64 * VW], o[VW];
+  float a[VW], rr[kHcPostMaxStreams * VW], o[VW];
   load_row(static_cast<const char*>(x) + (t * D + dv) * es, DT, a, n);
   for (int64_t j = 0; j < hc; ++j) load_row(static_cast<const char*>(rt) + (j * D + dv) * es, DT, rr + j * VW, n);
   for (int64_t k = 0; k < hc; ++k) {

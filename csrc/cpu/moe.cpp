@@ -130,7 +130,7 @@ void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t*
   for (int64_t t = 0; t < T; ++t) {
     float* o = out + t * D;
     for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-    int64_t rs[64];
+    int64_t rs[kMoeMaxTopk];
     int nr = 0;
     for (int64_t j = 0; j < k; ++j)
       if (rank[t * k + j] >= 0) rs[nr++] = rank[t * k + j];

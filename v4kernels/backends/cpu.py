@@ -12,7 +12,6 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import torch
@@ -126,6 +125,7 @@ class CpuBackend(Backend):
             name=f"v4kernels.{self.extension}",
             sources=sources,
             extra_compile_args={"cxx": extra},
+            include_dirs=[os.path.join(ctx.root, "csrc", "common")],
             extra_link_args=["-fopenmp", *san],
             define_macros=[("V4K_CPU_ISA", f'"{isa}"')],
         )
@@ -134,3 +134,12 @@ class CpuBackend(Backend):
 
 
 BACKEND = CpuBackend()
+
+
+def native_limits() -> dict[str, int]:
+    """The capability limits the native kernels declare (``kLimits`` in csrc/cpu/kernels.h), e.g.
+    ``{"hc_post.max_streams": 64, ...}``. Loads the extension (raises ImportError if it cannot)."""
+    import importlib
+
+    importlib.import_module(f"v4kernels.{CpuBackend.extension}")
+    return dict(torch.ops.v4k_cpu.limits())

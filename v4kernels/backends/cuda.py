@@ -14,14 +14,18 @@ from ._base import ACCELERATOR_TOLERANCES, Backend, BuildContext
 
 #: Launch row for Ampere/Hopper/Blackwell class GPUs (also used for unknown CUDA devices).
 CUDA_TRITON_BLOCKS = {
-    "rows": {"BLOCK_R": 8},
+    "rows": {"BLOCK_R": 8, "ROW_ELEMS": 8192},
     "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128},
-    "attn": {"BLOCK_H": 16, "BLOCK_K": 32, "SPLIT_MIN": 256},
+    "attn": {"BLOCK_H": 16, "BLOCK_K": 32, "SPLIT_MIN": 256, "FORCE_SPLIT": 0},
     "indexer": {"BLOCK_N": 64, "BLOCK_H": 64},
     "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
     "compressor": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_S": 8, "BLOCK_T": 4, "BLOCK_W": 256,
                    "BLOCK_WIN": 1, "POOL_TILE": 4096},
     "indices": {"BLOCK_S": 16, "BLOCK_U": 128},
+    "kv_pack": {"BLOCK_R": 4},
+    "mhc": {"BLOCK_T_SPLIT": 16, "BLOCK_D_PRE": 128, "BLOCK_T_POST": 4, "BLOCK_D_POST": 256},
+    "moe_gate": {"BLOCK_K": 64},
+    "hadamard": {"BLOCK_R_DOT": 32, "BLOCK_R": 16},
 }
 
 

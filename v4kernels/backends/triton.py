@@ -13,14 +13,18 @@ from ._base import ACCELERATOR_TOLERANCES, Backend
 
 #: Launch row for the CPU interpreter: few, large programs (each program costs ~1 ms there).
 INTERPRET_BLOCKS = {
-    "rows": {"BLOCK_R": 64},
+    "rows": {"BLOCK_R": 64, "ROW_ELEMS": 65536},
     "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128},
-    "attn": {"BLOCK_H": 64, "BLOCK_K": 64, "SPLIT_MIN": 64},
+    "attn": {"BLOCK_H": 64, "BLOCK_K": 64, "SPLIT_MIN": 64, "FORCE_SPLIT": 1},
     "indexer": {"BLOCK_N": 128, "BLOCK_H": 64},
     "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
     "compressor": {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 512, "BLOCK_S": 128, "BLOCK_T": 128, "BLOCK_W": 1024,
                    "BLOCK_WIN": 64, "POOL_TILE": 65536},
     "indices": {"BLOCK_S": 64, "BLOCK_U": 128},
+    "kv_pack": {"BLOCK_R": 128},
+    "mhc": {"BLOCK_T_SPLIT": 64, "BLOCK_D_PRE": 1024, "BLOCK_T_POST": 16, "BLOCK_D_POST": 1024},
+    "moe_gate": {"BLOCK_K": 256},
+    "hadamard": {"BLOCK_R_DOT": 64, "BLOCK_R": 16},
 }
 
 #: device type -> the Triton backend package that must be installed for Triton to target it

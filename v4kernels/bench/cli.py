@@ -51,6 +51,9 @@ def add_bench_parsers(sub: Any) -> None:
     pb.add_argument("--max-mem-frac", type=float, default=0.5, help="skip workloads needing more than this fraction of free memory")
     pb.add_argument("--measure-peak", action="store_true", help="measure the roofs even on a GPU/NPU in the datasheet table")
     pb.add_argument("--no-progress", action="store_true")
+    pb.add_argument("--overhead", action="store_true",
+                    help="per-call host overhead of each op (with --op: those) above the bare kernel it dispatches to, "
+                         "at a decode shape; exit 1 if a hot-path op misses its target")
     pb.set_defaults(fn=cmd_bench)
 
     pk = sub.add_parser(
@@ -110,6 +113,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if bad:
         print(f"bench: unknown op(s) {bad}; ops with workloads: {sorted(known)}", file=sys.stderr)
         return 2
+    if args.overhead:
+        from .overhead import format_overhead, measure_overhead
+
+        rows = measure_overhead(ops or None, str(torch.device(args.device)))
+        print(format_overhead(rows))
+        missed = [r.op for r in rows if r.ok is False]
+        if missed:
+            print(f"\noverhead above target: {', '.join(missed)}")
+        return 1 if missed else 0
     ws = W.select(ops or None, args.workload, args.tag, quick=args.quick)
     if not ws:
         print("bench: no workload matches the selection (see --list)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Native CPU kernels of ``sparse_attn`` (csrc/cpu/attention.cpp, SPEC §9.2) and
+"""Native CPU kernels of ``sparse_attn`` (csrc/cpu/attention.cpp + attention_ops.cpp, SPEC §9.2) and
 ``grouped_linear`` (csrc/cpu/gemm.cpp, SPEC §9.4).
 
 sparse_attn: online softmax over 64-index tiles with all heads of a query sharing each gathered KV
@@ -13,28 +13,24 @@ from __future__ import annotations
 
 import torch
 
-import v4kernels._C_cpu  # noqa: F401  (registers torch.ops.v4k_cpu.*)
+from ..._registry import native_kernels, register_kernels
+from ...backends.cpu import native_limits
 
-from ..._registry import register_kernel
+LIMITS = native_limits()
+#: token count (B·S) from which grouped_linear uses the panel GEMM (kGroupedDirectMaxT, kernels.h)
+GROUPED_DIRECT_MAX_T = LIMITS["grouped_linear.direct_max_tokens"]
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _sparse_attn_refusals(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> list[str]:
+def _sparse_attn_refusals(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
+                          softmax_scale: float) -> list[str]:
     reasons = []
-    if q.shape[-1] % 64 != 0:
-        reasons.append(f"cpu sparse_attn needs a head dim that is a multiple of 64, got {q.shape[-1]}")
+    mult = LIMITS["sparse_attn.head_dim_multiple"]
+    if q.shape[-1] % mult != 0:
+        reasons.append(f"cpu sparse_attn needs a head dim that is a multiple of {mult}, got {q.shape[-1]}")
     if topk_idxs.dtype != torch.int32:
         reasons.append(f"cpu sparse_attn needs int32 topk_idxs, got {topk_idxs.dtype}")
     return reasons
-
-
-@register_kernel("cpu", "sparse_attn", refusals=_sparse_attn_refusals)
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    return torch.ops.v4k_cpu.sparse_attn(q, kv, attn_sink.float(), topk_idxs, float(softmax_scale))
-
-
-_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
-#: token count (B·S) from which grouped_linear uses the panel GEMM (kGroupedDirectMaxT, kernels.h)
-GROUPED_DIRECT_MAX_T = 96
 
 
 def _grouped_linear_refusals(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
@@ -42,6 +38,6 @@ def _grouped_linear_refusals(x: torch.Tensor, weight: torch.Tensor) -> list[str]
             for n, t in (("x", x), ("weight", weight)) if t.dtype not in _FLOAT]
 
 
-@register_kernel("cpu", "grouped_linear", refusals=_grouped_linear_refusals)
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.v4k_cpu.grouped_linear(x, weight)
+_OPS = ("sparse_attn", "grouped_linear")
+register_kernels("cpu", {op: fn for op, fn in native_kernels("CPU").items() if op in _OPS},
+                 refusals={"sparse_attn": _sparse_attn_refusals, "grouped_linear": _grouped_linear_refusals})

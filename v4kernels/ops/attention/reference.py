@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from ... import formats as F
 from ..._registry import register_kernel
 from ..quant.reference import _blocks, _fp8_scales, fp8_encode
 
-KV_DIM = 512
-ROPE_DIM = 64
-NOPE_DIM = KV_DIM - ROPE_DIM  # 448
-KV_BLOCK = 64  # FP8 block size of the nope dims (SPEC §4.3 call sites)
-N_SCALES = NOPE_DIM // KV_BLOCK  # 7
-#: bytes per packed row: 448 e4m3 + 64·2 bf16 rope + 7 UE8M0 scales + 1 pad (SPEC §13.1)
-PACKED_DIM = NOPE_DIM + 2 * ROPE_DIM + N_SCALES + 1  # 584
-_ROPE_BYTES = slice(NOPE_DIM, NOPE_DIM + 2 * ROPE_DIM)  # 448..575
-_SCALE_BYTES = slice(NOPE_DIM + 2 * ROPE_DIM, NOPE_DIM + 2 * ROPE_DIM + N_SCALES)  # 576..582
+KV_DIM = F.HEAD_DIM
+ROPE_DIM = F.ROPE_DIM
+NOPE_DIM = F.NOPE_DIM
+KV_BLOCK = F.KV_SCALE_BLOCK  # FP8 block size of the nope dims (SPEC §4.3 call sites)
+N_SCALES = F.KV_N_SCALES
+PACKED_DIM = F.PACKED_KV_ROW_BYTES  # 584 (layout: v4kernels/formats.py, SPEC §13.1)
+_ROPE_BYTES = slice(F.KV_ROPE_OFFSET, F.KV_SCALE_OFFSET)  # 448..575
+_SCALE_BYTES = slice(F.KV_SCALE_OFFSET, F.KV_PAD_OFFSET)  # 576..582
 
 #: fp32 elements of gathered KV held at once by sparse_attn (16 MiB)
 _GATHER_BUDGET = 1 << 22

@@ -23,24 +23,31 @@ from ..._registry import register_kernel
 from ... import triton_utils as U
 from ...triton_utils import bf16_rne_bits, e4m3_decode, e4m3_encode, exp2_int, pow2_scale_bits, store_out, ue8m0_decode
 
-D_KV = 512
-D_NOPE = 448
-ROW_BYTES = 584
-SCALE_OFF = 576
+from ... import formats as F
+
+# the packed FP8 KV row (v4kernels/formats.py), as compile-time constants of the kernels
+D_KV = tl.constexpr(F.HEAD_DIM)
+D_NOPE = tl.constexpr(F.NOPE_DIM)
+ROW_BYTES = tl.constexpr(F.PACKED_KV_ROW_BYTES)
+SCALE_OFF = tl.constexpr(F.KV_SCALE_OFFSET)
+SCALE_BLOCK = tl.constexpr(F.KV_SCALE_BLOCK)
+N_SCALES = tl.constexpr(F.KV_N_SCALES)
+PAD_OFF = tl.constexpr(F.KV_PAD_OFFSET)
+UE8M0_BIAS = tl.constexpr(F.UE8M0_BIAS)
 
 
 @triton.jit
 def _load_kv_tile(kv_ptr, rows, valid, PACKED: tl.constexpr):
     """Gather KV rows ``rows`` [BK] as an fp32 [BK, 512] tile (invalid rows read as zeros)."""
-    d = tl.arange(0, 512)
+    d = tl.arange(0, D_KV)
     if PACKED:
-        base = rows[:, None].to(tl.int64) * 584
-        is_nope = d[None, :] < 448
+        base = rows[:, None].to(tl.int64) * ROW_BYTES
+        is_nope = d[None, :] < D_NOPE
         nm = valid[:, None] & is_nope
-        rm = valid[:, None] & (d[None, :] >= 448)
+        rm = valid[:, None] & (d[None, :] >= D_NOPE)
         code = tl.load(kv_ptr + base + d[None, :], mask=nm, other=0)
-        sc = ue8m0_decode(tl.load(kv_ptr + base + 576 + d[None, :] // 64, mask=nm, other=0))
-        rb = 448 + 2 * (d[None, :] - 448)
+        sc = ue8m0_decode(tl.load(kv_ptr + base + SCALE_OFF + d[None, :] // SCALE_BLOCK, mask=nm, other=0))
+        rb = D_NOPE + 2 * (d[None, :] - D_NOPE)
         lo = tl.load(kv_ptr + base + rb, mask=rm, other=0).to(tl.int32)
         hi = tl.load(kv_ptr + base + rb + 1, mask=rm, other=0).to(tl.int32)
         rope = ((lo | (hi << 8)) << 16).to(tl.float32, bitcast=True)
@@ -142,8 +149,8 @@ def attn_splits(rows: int, head_blocks: int, k_total: int, m: int, device: torch
     """How many programs share one index list (1 = prefill path, no combine)."""
     cfg = U.block_config("attn", device)
     max_splits = U.cdiv(k_total, cfg["SPLIT_MIN"])
-    if U.target_kind(device) == "interpret":
-        # decode always takes the split-K path here, so the CPU tests exercise the combine
+    if cfg["FORCE_SPLIT"]:
+        # (interpreter row) decode always takes the split-K path, so the CPU tests exercise the combine
         return min(8, max_splits) if m == 1 else 1
     progs = rows * head_blocks
     want = U.cdiv(2 * U.num_sms(device), progs)
@@ -205,26 +212,26 @@ def _pack_kv_fp8_kernel(kv_ptr, p_ptr, n_rows, inv_qmax, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = rows < n_rows
-    c = tl.arange(0, 64)
-    src = rows[:, None].to(tl.int64) * 512
-    dst = rows[:, None].to(tl.int64) * 584
-    for blk in tl.static_range(7):
-        x = tl.load(kv_ptr + src + blk * 64 + c[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+    c = tl.arange(0, SCALE_BLOCK)
+    src = rows[:, None].to(tl.int64) * D_KV
+    dst = rows[:, None].to(tl.int64) * ROW_BYTES
+    for blk in tl.static_range(N_SCALES):
+        x = tl.load(kv_ptr + src + blk * SCALE_BLOCK + c[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
         k = pow2_scale_bits(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4), inv_qmax)
-        tl.store(p_ptr + dst + blk * 64 + c[None, :], e4m3_encode(x * exp2_int(-k)[:, None]), mask=rm[:, None])
-        tl.store(p_ptr + rows.to(tl.int64) * 584 + 576 + blk, (k + 127).to(tl.uint8), mask=rm)
-    x = tl.load(kv_ptr + src + 448 + c[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+        tl.store(p_ptr + dst + blk * SCALE_BLOCK + c[None, :], e4m3_encode(x * exp2_int(-k)[:, None]), mask=rm[:, None])
+        tl.store(p_ptr + rows.to(tl.int64) * ROW_BYTES + SCALE_OFF + blk, (k + UE8M0_BIAS).to(tl.uint8), mask=rm)
+    x = tl.load(kv_ptr + src + D_NOPE + c[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
     bits = bf16_rne_bits(x).to(tl.int32) & 0xFFFF
-    tl.store(p_ptr + dst + 448 + 2 * c[None, :], (bits & 0xFF).to(tl.uint8), mask=rm[:, None])
-    tl.store(p_ptr + dst + 449 + 2 * c[None, :], (bits >> 8).to(tl.uint8), mask=rm[:, None])
-    tl.store(p_ptr + rows.to(tl.int64) * 584 + 583, tl.zeros((BLOCK_R,), tl.uint8), mask=rm)
+    tl.store(p_ptr + dst + D_NOPE + 2 * c[None, :], (bits & 0xFF).to(tl.uint8), mask=rm[:, None])
+    tl.store(p_ptr + dst + D_NOPE + 1 + 2 * c[None, :], (bits >> 8).to(tl.uint8), mask=rm[:, None])
+    tl.store(p_ptr + rows.to(tl.int64) * ROW_BYTES + PAD_OFF, tl.zeros((BLOCK_R,), tl.uint8), mask=rm)
 
 
 @register_kernel("triton", "pack_kv_fp8")
 def pack_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     n_rows = kv.numel() // D_KV
     out = torch.empty((*kv.shape[:-1], ROW_BYTES), dtype=torch.uint8, device=kv.device)
-    br = 128 if U.target_kind(kv.device) == "interpret" else 4
+    br = U.block_config("kv_pack", kv.device)["BLOCK_R"]
     inv = float(torch.tensor(1.0 / U.FP8_MAX, dtype=torch.float32))
     _pack_kv_fp8_kernel[(U.cdiv(n_rows, br),)](kv, out, n_rows, inv, BLOCK_R=br)
     return out
@@ -236,15 +243,15 @@ def _unpack_kv_fp8_kernel(p_ptr, o_ptr, n_rows, BLOCK_R: tl.constexpr, OUT_KIND:
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = rows < n_rows
     v = _load_kv_tile(p_ptr, rows, rm, True)
-    d = tl.arange(0, 512)
-    store_out(o_ptr + rows[:, None].to(tl.int64) * 512 + d[None, :], v, rm[:, None], OUT_KIND)
+    d = tl.arange(0, D_KV)
+    store_out(o_ptr + rows[:, None].to(tl.int64) * D_KV + d[None, :], v, rm[:, None], OUT_KIND)
 
 
 @register_kernel("triton", "unpack_kv_fp8")
 def unpack_kv_fp8(packed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     n_rows = packed.numel() // ROW_BYTES
     out = torch.empty((*packed.shape[:-1], D_KV), dtype=out_dtype, device=packed.device)
-    br = 128 if U.target_kind(packed.device) == "interpret" else 4
+    br = U.block_config("kv_pack", packed.device)["BLOCK_R"]
     _unpack_kv_fp8_kernel[(U.cdiv(n_rows, br),)](packed, U.out_view(out), n_rows, BLOCK_R=br, OUT_KIND=U.out_kind(out_dtype))
     return out
 

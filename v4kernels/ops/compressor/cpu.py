@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import torch
 
-import v4kernels._C_cpu  # noqa: F401  (registers torch.ops.v4k_cpu.*)
-
-from ..._registry import register_kernel
+from ..._registry import native_kernels, register_kernels
+from ...backends.cpu import native_limits  # noqa: F401  (loads the extension)
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _compress_kv_refusals(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, *args: object) -> list[str]:
-    return [f"cpu compress_kv needs float32/bfloat16/float16 {n}, got {t.dtype}"
-            for n, t in (("x", x), ("wkv", wkv), ("wgate", wgate)) if t.dtype not in _FLOAT]
+    reasons = [f"cpu compress_kv needs float32/bfloat16/float16 {n}, got {t.dtype}"
+               for n, t in (("x", x), ("wkv", wkv), ("wgate", wgate)) if t.dtype not in _FLOAT]
+    n_tokens = args[7]
+    if isinstance(n_tokens, torch.Tensor) and n_tokens.dtype != torch.int64:
+        reasons.append(f"cpu compress_kv needs an int64 state counter, got {n_tokens.dtype}")
+    return reasons
 
 
-@register_kernel("cpu", "compress_kv", refusals=_compress_kv_refusals)
-def compress_kv(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor,
-                freqs: torch.Tensor, pending_kv: torch.Tensor, pending_score: torch.Tensor, prev_kv: torch.Tensor,
-                prev_score: torch.Tensor, n_tokens: torch.Tensor, ratio: int, quant: str, eps: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.v4k_cpu.compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv,
-                                         prev_score, n_tokens.long(), int(ratio), str(quant), float(eps))
+register_kernels("cpu", {"compress_kv": native_kernels("CPU")["compress_kv"]},
+                 refusals={"compress_kv": _compress_kv_refusals})

@@ -7,20 +7,7 @@ Returned indices are ordered by descending score (ties: smaller entry first), th
 """
 from __future__ import annotations
 
-import torch
+from ..._registry import native_kernels, register_kernels
+from ...backends.cpu import native_limits  # noqa: F401  (loads the extension)
 
-import v4kernels._C_cpu  # noqa: F401  (registers torch.ops.v4k_cpu.*)
-
-from ..._registry import register_kernel
-
-
-@register_kernel("cpu", "indexer_scores")
-def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor | None,
-                   positions: torch.Tensor, ratio: int) -> torch.Tensor:
-    return torch.ops.v4k_cpu.indexer_scores(q, weights, keys, key_scales, positions, int(ratio))
-
-
-@register_kernel("cpu", "indexer_topk")
-def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor | None,
-                 positions: torch.Tensor, topk: int, ratio: int, offset: int) -> torch.Tensor:
-    return torch.ops.v4k_cpu.indexer_topk(q, weights, keys, key_scales, positions, int(topk), int(ratio), int(offset))
+register_kernels("cpu", {op: fn for op, fn in native_kernels("CPU").items() if op in ("indexer_scores", "indexer_topk")})

@@ -72,7 +72,7 @@ def _hc_split_sinkhorn_kernel(
 
 
 def _tok_block(device: torch.device) -> int:
-    return 64 if U.target_kind(device) == "interpret" else 16
+    return U.block_config("mhc", device)["BLOCK_T_SPLIT"]
 
 
 @register_kernel("triton", "hc_split_sinkhorn")
@@ -151,9 +151,8 @@ def _hc_pre_launch(x, hc_fn, hc_scale, hc_base, iters, norm_eps, hc_eps, head: b
     post = torch.empty((*lead, hc), dtype=torch.float32, device=dev)
     comb = torch.empty((*lead, hc, hc), dtype=torch.float32, device=dev)
     mix = torch.empty((t, nmix), dtype=torch.float32, device=dev)
-    interp = U.target_kind(dev) == "interpret"
     bt = 16
-    bd = min(1024 if interp else 128, U.next_pow2(hc * d))
+    bd = min(U.block_config("mhc", dev)["BLOCK_D_PRE"], U.next_pow2(hc * d))
     _hc_pre_fwd_kernel[(U.cdiv(t, bt),)](
         x, hc_fn.float().contiguous(), hc_scale.float().contiguous(), hc_base.float().contiguous(), mix, U.out_view(y),
         post, comb, t, d, nmix, iters, norm_eps, hc_eps, HC=hc, HCP=U.next_pow2(hc), NMIXP=max(16, U.next_pow2(nmix)),
@@ -206,9 +205,9 @@ def hc_post(x, residual, post, comb, bf16_mix):
     hc, d = residual.shape[-2], residual.shape[-1]
     t = residual.numel() // (hc * d)
     out = torch.empty(residual.shape, dtype=x.dtype, device=x.device)
-    interp = U.target_kind(x.device) == "interpret"
-    bt = 16 if interp else 4
-    bd = min(1024 if interp else 256, U.next_pow2(d))
+    cfg = U.block_config("mhc", x.device)
+    bt = cfg["BLOCK_T_POST"]
+    bd = min(cfg["BLOCK_D_POST"], U.next_pow2(d))
     _hc_post_fwd_kernel[(U.cdiv(t, bt), U.cdiv(d, bd))](
         x, residual, post.float().contiguous(), comb.float().contiguous(), U.out_view(out), t, d,
         HC=hc, BLOCK_T=bt, BLOCK_D=bd, BF16_MIX=bf16_mix, OUT_KIND=U.out_kind(x.dtype))

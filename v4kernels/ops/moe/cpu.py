@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-import v4kernels._C_cpu  # noqa: F401  (registers torch.ops.v4k_cpu.*)
+from ..._registry import native_kernels, register_kernels
+from ...backends.cpu import native_limits
 
-from ..._registry import register_kernel
+LIMITS = native_limits()
 
 
 def _moe_experts_refusals(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
@@ -23,15 +24,11 @@ def _moe_experts_refusals(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     reasons = []
     if topk_ids.dtype != torch.int32:
         reasons.append(f"cpu moe_experts needs int32 topk_ids, got {topk_ids.dtype}")
-    if topk_ids.dim() == 2 and topk_ids.shape[1] > 64:
-        reasons.append(f"cpu moe_experts supports at most 64 experts per token, got {topk_ids.shape[1]}")
+    most = LIMITS["moe_experts.max_topk"]
+    if topk_ids.dim() == 2 and topk_ids.shape[1] > most:
+        reasons.append(f"cpu moe_experts supports at most {most} experts per token, got {topk_ids.shape[1]}")
     return reasons
 
 
-@register_kernel("cpu", "moe_experts", refusals=_moe_experts_refusals)
-def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
-                w1_s: torch.Tensor | None, w3: torch.Tensor, w3_s: torch.Tensor | None, w2: torch.Tensor,
-                w2_s: torch.Tensor | None, swiglu_limit: float, weight_after_w2: bool,
-                out_dtype: torch.dtype) -> torch.Tensor:
-    return torch.ops.v4k_cpu.moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, float(swiglu_limit),
-                                         bool(weight_after_w2), out_dtype)
+register_kernels("cpu", {"moe_experts": native_kernels("CPU")["moe_experts"]},
+                 refusals={"moe_experts": _moe_experts_refusals})

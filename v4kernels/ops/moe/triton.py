@@ -108,9 +108,8 @@ def moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps):
     oi = torch.empty((t, topk), dtype=torch.int32, device=x.device)
     if t == 0:
         return ow, oi
-    interp = U.target_kind(x.device) == "interpret"
     bt = 16
-    bk = min(256 if interp else 64, max(16, U.next_pow2(d)))
+    bk = min(U.block_config("moe_gate", x.device)["BLOCK_K"], max(16, U.next_pow2(d)))
     dot16 = U.dot_bf16(x.device) and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
     _moe_gate_fwd_kernel[(U.cdiv(t, bt),)](
         x, weight, bias.float().contiguous() if bias is not None else x, tid2eid.contiguous() if tid2eid is not None else x,

@@ -7,18 +7,7 @@ the reference's per-tile promotion up to fp32 summation order.
 """
 from __future__ import annotations
 
-import torch
+from ..._registry import native_kernels, register_kernels
+from ...backends.cpu import native_limits  # noqa: F401  (loads the extension)
 
-import v4kernels._C_cpu  # noqa: F401  (registers torch.ops.v4k_cpu.*)
-
-from ..._registry import register_kernel
-
-
-@register_kernel("cpu", "fp8_gemm")
-def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return torch.ops.v4k_cpu.fp8_gemm(a, a_s, b, b_s, out_dtype)
-
-
-@register_kernel("cpu", "fp4_gemm")
-def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return torch.ops.v4k_cpu.fp4_gemm(a, a_s, b, b_s, out_dtype)
+register_kernels("cpu", {op: fn for op, fn in native_kernels("CPU").items() if op in ("fp8_gemm", "fp4_gemm")})

@@ -265,9 +265,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     n_rows = x.numel() // n
     use_dot = n >= 16
-    br = 64 if use_dot else 16
-    if U.target_kind(x.device) != "interpret":
-        br = 32 if use_dot else 16
+    br = U.block_config("hadamard", x.device)["BLOCK_R_DOT" if use_dot else "BLOCK_R"]
     out = torch.empty_like(x)
     _hadamard_fwd_kernel[(U.cdiv(n_rows, br),)](
         x, U.out_view(out), n_rows, n**-0.5, N=n, BLOCK_R=br, USE_DOT=use_dot,

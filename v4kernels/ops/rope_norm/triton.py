@@ -98,7 +98,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, hf_roundi
     n_rows = x.numel() // d
     y = torch.empty_like(x)
     bd = U.next_pow2(d)
-    br = max(1, min(U.block_config("rows", x.device)["BLOCK_R"], 8192 // bd)) if not U.interpret() else max(1, min(64, 65536 // bd))
+    cfg = U.block_config("rows", x.device)
+    br = max(1, min(cfg["BLOCK_R"], cfg["ROW_ELEMS"] // bd))
     w = weight.contiguous() if weight is not None else x
     _rms_norm_fwd_kernel[(U.cdiv(n_rows, br),)](
         x, w, U.out_view(y), n_rows, d, eps, BLOCK_R=br, BLOCK_D=bd, HAS_W=weight is not None,

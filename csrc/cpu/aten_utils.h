@@ -1,0 +1,38 @@
+// ATen-side helpers shared by the CPU operator bindings (<family>_ops.cpp): dtype codes, device
+// checks and scale conversion. The kernel translation units never include this (no torch headers).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "kernels.h"
+
+namespace v4k_cpu {
+namespace aten {
+
+using at::Tensor;
+
+using at::Tensor;
+
+inline int float_code(const Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return 0;
+    case at::kBFloat16:
+      return 1;
+    case at::kHalf:
+      return 2;
+    default:
+      TORCH_CHECK(false, "v4k_cpu::", op, ": ", name, " must be float32/bfloat16/float16, got ", t.scalar_type());
+  }
+  return -1;
+}
+
+inline void check_cpu(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "v4k_cpu::", op, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+// Scales may arrive as fp32 or UE8M0 (float8_e8m0fnu); the kernels read fp32.
+inline Tensor scales_f32(const Tensor& s) { return s.to(at::kFloat).contiguous(); }
+
+}  // namespace aten
+}  // namespace v4k_cpu
