@@ -477,7 +477,7 @@ TORCH_LIBRARY_IMPL(v4k_cpu, CPU, m) {
 }
 
 // A minimal Python module so `import v4kernels._C_cpu` loads the library (and runs the
-// registrations above); no pybind11 (SPEC-independent build-time choice, see TOOLCHAIN.md).
+// registrations above); no pybind11 (a build-time choice: one dependency less).
 static struct PyModuleDef v4k_cpu_module = {PyModuleDef_HEAD_INIT, "_C_cpu",
                                             "v4kernels native CPU kernels (torch.ops.v4k_cpu)", -1, nullptr};
 
