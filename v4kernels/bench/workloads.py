@@ -257,6 +257,14 @@ def _attention_workloads() -> None:
         for h in sorted({min(16, model.n_heads), model.n_heads}):
             _sparse_attn(f"{model.name}-prefill-csa-s4096-h{h}", 1, S, h, S + S // CSA_RATIO, WINDOW + topk,
                          _tags(model, "prefill", "csa", heads=h, ctx=S))
+    # Flash CSA decode batches at 32K context, all 64 heads, bf16 and FP8 KV (the CPU backend's
+    # decode targets, bench/cpu_targets.py)
+    ctx = 32 * 1024
+    for B in (1, 4, 16):
+        for fp8 in (False, True):
+            _sparse_attn(f"flash-decode-csa-{'fp8kv-' if fp8 else ''}b{B}-h{FLASH.n_heads}-ctx32k", B, 1, FLASH.n_heads,
+                         WINDOW + ctx // CSA_RATIO, WINDOW + FLASH.index_topk,
+                         _tags(FLASH, "decode", "csa", heads=FLASH.n_heads, ctx=ctx), fp8_kv=fp8)
     # small CPU-sized problems for --quick
     _sparse_attn("tiny-decode-b4-h8-k256", 4, 1, 8, 1024, 256, _tags(None, "decode", "tiny", heads=8), quick=True)
     _sparse_attn("tiny-decode-fp8kv-b4-h8-k256", 4, 1, 8, 1024, 256, _tags(None, "decode", "tiny", heads=8), quick=True,
@@ -517,7 +525,7 @@ def _mhc_workloads() -> None:
                quick=(phase == "decode" and B == 64), source=src)
     for model in (FLASH, PRO):
         D = model.dim
-        for phase, B, S in (("decode", 1, 1), ("decode", 64, 1), ("prefill", 1, 4096)):
+        for phase, B, S in (("decode", 1, 1), ("decode", 4, 1), ("decode", 64, 1), ("prefill", 1, 4096)):
             name = f"{model.name}-{phase}-b{B}-s{S}"
             T = B * S
             quick = model is FLASH and phase == "decode" and B == 64
@@ -602,6 +610,9 @@ def _moe_workloads() -> None:
             for phase, T in (("decode", 64), ("prefill", 4096)):
                 name = f"{model.name}-ep8-{wfmt}-{phase}-t{T}"
                 _moe_experts(name, T, k, El, D, I, wfmt, _tags(model, phase, "ep8", wfmt))
+    # a 512-token chunk on 16 local experts (Flash at 16-way expert parallelism), FP4 weights
+    _moe_experts("flash-ep16-fp4-prefill-t512", 512, FLASH.topk_experts, FLASH.n_experts // 16, FLASH.dim, FLASH.moe_inter,
+                 "fp4", _tags(FLASH, "prefill", "ep16", "fp4"))
     _moe_experts("tiny-bf16-t16", 16, 6, 8, 256, 128, "bf16", _tags(None, "decode", "tiny", "bf16"), quick=True)
     _moe_experts("tiny-fp4-t16", 16, 6, 8, 256, 128, "fp4", _tags(None, "decode", "tiny", "fp4"), quick=True)
 
