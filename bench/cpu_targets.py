@@ -1,12 +1,21 @@
-"""Targets of the native CPU backend (issue 4, point 5), measured in one run on this machine.
+"""Performance targets of the native CPU backend, measured in one run on this machine.
 
-Prints this machine's fp32 GEMM rate (torch.matmul) and stream bandwidth, then for each target
-the median time, the achieved GFLOP/s, the fraction of the measured GEMM rate and (where the
-target is a speed-up) the ratio to the reference backend.
+Every problem is a workload of the benchmark registry (``v4kernels.bench.workloads``: shapes,
+seeded inputs, FLOP counts) and every time comes from the harness timer
+(``v4kernels.bench.timer.time_fn``, median of the timed repetitions). The script prints this
+machine's fp32 GEMM rate (torch.matmul) and stream bandwidth, then one line per workload (median
+time, GFLOP/s, fraction of the measured GEMM rate, speed-up over the reference backend) and a
+pass/MISS table of the targets:
+
+* ``gemm``: the workloads' FLOPs per second reach a fraction of this machine's fp32 GEMM rate;
+* ``reference``: the cpu backend is at least N times faster than the reference backend on the
+  same inputs (summed over the listed workloads, e.g. ``hc_pre`` + ``hc_post`` of one step);
+* ``faster``: the workload is at least as fast as another one (FP4 indexer keys vs bf16 keys).
 
     python bench/cpu_targets.py            # all targets except the 64K-token CSA layer
     python bench/cpu_targets.py --csa64k   # also the 64K-token CSA-layer prefill (peak RSS; minutes)
-    python bench/cpu_targets.py --quick    # smaller repetitions
+    python bench/cpu_targets.py --quick    # fewer repetitions
+    python bench/cpu_targets.py --list     # the targets and their workloads, without running
 """
 from __future__ import annotations
 
@@ -14,215 +23,197 @@ import argparse
 import os
 import resource
 import sys
-import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 import v4kernels as v4k
 import v4kernels._registry as R
+from v4kernels.bench.layouts import CSA_RATIO, FLASH, HEAD_DIM, INDEX_DIM, INDEX_HEADS, WINDOW
 from v4kernels.bench.peak import gemm_gflops, stream_gbs
-from v4kernels.bench.timer import time_fn
-
-H_FLASH, D, WINDOW, TOPK = 64, 512, 128, 512
-
-
-def _median(fn: Callable[[], Any], backend: str, min_time: float) -> float:
-    with v4k.use_backend(backend):
-        return time_fn(fn, "cpu", warmup=1, min_time=min_time, min_reps=3).p50
+from v4kernels.bench.timer import PeakMemory, Timing, time_fn
+from v4kernels.bench.workloads import Workload, get_workload
 
 
-#: (target, measured, pass) rows of the summary table printed at the end
-SUMMARY: list[tuple[str, str, bool]] = []
+@dataclass(frozen=True)
+class Target:
+    """``kind`` ``gemm``: Σflops / Σtime(cpu) >= goal · GEMM rate; ``reference``:
+    Σtime(reference) / Σtime(cpu) >= goal; ``faster``: time(cpu, ``than``) / Σtime(cpu) >= goal."""
+
+    name: str
+    workloads: tuple[str, ...]
+    kind: str
+    goal: float
+    than: str = ""
+
+    @property
+    def want(self) -> str:
+        if self.kind == "gemm":
+            return f">= {self.goal:.0%} of GEMM"
+        if self.kind == "reference":
+            return f">= x{self.goal:g} vs reference"
+        return f"no slower than {self.than.split('/', 1)[1]}"
 
 
-def _target(name: str, measured: float, goal: float, unit: str) -> None:
-    """Record a target of issue 4 point 5 (measured >= goal passes)."""
-    fmt = f"{measured:.1%}" if unit == "%" else f"x{measured:.1f}"
-    want = f">= {goal:.0%} of GEMM" if unit == "%" else f">= x{goal:g}"
-    SUMMARY.append((f"{name} ({want})", fmt, measured >= goal))
+_SA = "sparse_attn/flash-decode-csa-b{}-h64-ctx32k"
+_IDX = "indexer_topk/flash-decode-b1-ctx1m-{}"
+
+TARGETS: tuple[Target, ...] = (
+    *(Target(f"sparse_attn decode B={b}", (_SA.format(b),), "gemm", 0.70) for b in (1, 4, 16)),
+    Target("sparse_attn prefill 4096 queries", ("sparse_attn/flash-prefill-csa-s4096-h64",), "gemm", 0.60),
+    Target("indexer_topk decode 1M bf16 keys", (_IDX.format("bf16"),), "gemm", 0.60),
+    Target("indexer_topk decode 1M fp4 keys", (_IDX.format("fp4"),), "faster", 1.0, than=_IDX.format("bf16")),
+    *(Target(f"hc_pre+hc_post decode T={t}", (f"hc_pre/flash-decode-b{t}-s1", f"hc_post/flash-decode-b{t}-s1"), "reference", 10)
+      for t in (1, 4)),
+    Target("compress_kv prefill CSA S=4096", ("compress_kv/flash-csa-prefill-b1-s4096",), "reference", 10),
+    Target("compress_kv prefill HCA S=4096", ("compress_kv/flash-hca-prefill-b1-s4096",), "reference", 10),
+    Target("moe_experts 512 tokens fp4", ("moe_experts/flash-ep16-fp4-prefill-t512",), "reference", 3),
+)
+#: measured and printed, no target
+INFO: tuple[str, ...] = (
+    *(f"sparse_attn/flash-decode-csa-fp8kv-b{b}-h64-ctx32k" for b in (1, 4, 16)),
+    _IDX.format("fp8"),
+    "hc_head/flash-decode-b4-s1",
+)
+#: reference runs of these workloads take seconds to tens of seconds: one timed call, no warm-up
+SLOW_REFERENCE = {"sparse_attn/flash-prefill-csa-s4096-h64", "compress_kv/flash-csa-prefill-b1-s4096",
+                  "compress_kv/flash-hca-prefill-b1-s4096", "moe_experts/flash-ep16-fp4-prefill-t512"}
 
 
-def _once(fn: Callable[[], Any], backend: str) -> float:
-    """One timed call (for reference runs of tens of seconds; a warm-up call is not affordable)."""
-    with v4k.use_backend(backend):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+class Runner:
+    """Times registry workloads on the cpu and reference backends (inputs made once per workload)."""
+
+    def __init__(self, min_time: float) -> None:
+        self.min_time = min_time
+        self.times: dict[tuple[str, str], float] = {}
+        self._inputs: dict[str, Any] = {}
+
+    def _inputs_of(self, w: Workload) -> Any:
+        if w.name not in self._inputs:
+            self._inputs = {w.name: w.make(torch.device("cpu"))}  # keep one workload's inputs alive at a time
+        return self._inputs[w.name]
+
+    def time(self, name: str, backend: str) -> float:
+        key = (name, backend)
+        if key not in self.times:
+            w = get_workload(name)
+            inputs = self._inputs_of(w)
+
+            def call() -> Any:
+                with v4k.use_backend(backend, ops=[w.op]):
+                    return w.run(inputs)
+
+            if backend == "reference" and name in SLOW_REFERENCE:
+                t: Timing = time_fn(call, "cpu", warmup=0, min_time=0.0, min_reps=1, max_reps=1)
+            else:
+                t = time_fn(call, "cpu", warmup=1, min_time=self.min_time, min_reps=3)
+            self.times[key] = t.p50
+        return self.times[key]
 
 
-def _row(name: str, t: float, flops: float | None, gemm: float, ref_t: float | None, target: str) -> None:
-    gf = flops / t / 1e9 if flops else None
-    cols = [f"{name:<46}", f"{t * 1e3:10.3f} ms"]
-    cols.append(f"{gf:8.1f} GFLOP/s  {gf / gemm:6.1%} of GEMM" if gf else " " * 33)
+def _row(w: Workload, t: float, gemm: float, ref_t: float | None, note: str) -> None:
+    cols = [f"{w.name:<52}", f"{t * 1e3:11.3f} ms"]
+    if w.flops:
+        gf = w.flops / t / 1e9
+        cols.append(f"{gf:8.1f} GFLOP/s {gf / gemm:6.1%} of GEMM")
+    else:
+        cols.append(" " * 32)
     cols.append(f"  x{ref_t / t:6.1f} vs reference" if ref_t else " " * 22)
-    cols.append(f"  target: {target}")
+    cols.append(f"  {note}")
     print("".join(cols), flush=True)
 
 
-def sparse_attn_inputs(g: torch.Generator, b: int, m: int, n: int, k: int) -> tuple[torch.Tensor, ...]:
-    q = torch.randn(b, m, H_FLASH, D, generator=g).bfloat16()
-    kv = torch.randn(b, n, D, generator=g).bfloat16()
-    sink = torch.randn(H_FLASH, generator=g)
-    idx = torch.randint(0, n, (b, m, k), generator=g, dtype=torch.int32)
-    return q, kv, sink, idx
+def evaluate(target: Target, run: Runner, gemm: float) -> tuple[str, bool]:
+    """Measure ``target``'s workloads, print one line each, return (measured, passed)."""
+    cpu = {n: run.time(n, "cpu") for n in target.workloads}
+    ref = {n: run.time(n, "reference") for n in target.workloads} if target.kind == "reference" else {}
+    if target.kind == "gemm" and target.workloads[0] not in SLOW_REFERENCE:
+        ref = {n: run.time(n, "reference") for n in target.workloads}  # for information
+    for n in target.workloads:
+        _row(get_workload(n), cpu[n], gemm, ref.get(n), f"target: {target.name} {target.want}")
+    total = sum(cpu.values())
+    if target.kind == "gemm":
+        measured = sum(get_workload(n).flops for n in target.workloads) / total / 1e9 / gemm
+        return f"{measured:.1%}", measured >= target.goal
+    if target.kind == "reference":
+        measured = sum(ref.values()) / total
+    elif target.kind == "faster":
+        measured = run.time(target.than, "cpu") / total
+    else:
+        raise ValueError(f"unknown target kind {target.kind!r}")
+    return f"x{measured:.2f}", measured >= target.goal
+
+
+def csa_layer_64k() -> tuple[str, str, bool]:
+    """Attention path of one V4-Flash CSA layer over a 64K-token prefill: indexer top-k over the
+    16K compressed indexer keys (FP4) and sparse attention of every query over its window and its
+    selected entries (KV: 64K window rows + 16K compressed rows, packed FP8). Not a single op, so
+    not a registry workload; dimensions from ``layouts`` (i.e. ``V4Config``), one timed call."""
+    s = 65536
+    n_c, heads, topk = s // CSA_RATIO, FLASH.n_heads, FLASH.index_topk
+    g = torch.Generator().manual_seed(0)
+
+    def layer() -> torch.Tensor:
+        qi = torch.randn(1, s, INDEX_HEADS, INDEX_DIM, generator=g).bfloat16()
+        w = torch.randn(1, s, INDEX_HEADS, generator=g)
+        keys, ks = v4k.fp4_act_quant(torch.randn(1, n_c, INDEX_DIM, generator=g), 32)
+        with v4k.use_backend("cpu", ops=["indexer_topk"]):
+            comp = v4k.indexer_topk(qi, w, keys, torch.arange(s)[None], topk, ratio=CSA_RATIO, offset=s, key_scales=ks)
+        del qi, w
+        # the window part of the index list is plain index arithmetic (no cpu kernel; reference)
+        idx = torch.cat((v4k.window_indices([0], s, WINDOW, mode="prefill"), comp), -1)
+        del comp
+        q = torch.randn(1, s, heads, HEAD_DIM, generator=g).bfloat16()
+        kv = v4k.pack_kv_fp8(torch.randn(1, s + n_c, HEAD_DIM, generator=g).bfloat16())
+        with v4k.use_backend("cpu", ops=["sparse_attn"]):
+            return v4k.sparse_attn(q, kv, torch.zeros(heads), idx)
+
+    with PeakMemory("cpu") as pm:
+        t = time_fn(layer, "cpu", warmup=0, min_time=0.0, min_reps=1, max_reps=1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    grew = f", {pm.mb / 1024:.2f} GiB of it during the layer" if pm.mb is not None else ""
+    print(f"{'csa layer prefill 64K (indexer + sparse_attn)':<52} {t.p50:11.1f} s   process peak RSS {rss:.2f} GiB{grew}"
+          f"  target: within 24 GiB")
+    return "csa layer prefill 64K peak RSS (<= 24 GiB)", f"{rss:.2f} GiB", rss <= 24.0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="shorter timing budget per workload")
     ap.add_argument("--csa64k", action="store_true", help="run the 64K-token CSA-layer prefill (slow)")
+    ap.add_argument("--list", action="store_true", help="print the targets and their registry workloads, run nothing")
     args = ap.parse_args(argv)
-    mt = 0.2 if args.quick else 0.6
+    if args.list:
+        for tg in TARGETS:
+            print(f"{tg.name:<40} {tg.want:<34} {', '.join(tg.workloads)}")
+        print(f"{'(information only)':<40} {'':<34} {', '.join(INFO)}")
+        return 0
     reasons = R.get_backend("cpu").backend_reasons("cpu")
     if reasons:
         print("cpu backend unavailable:", "; ".join(reasons))
         return 1
-    g = torch.Generator().manual_seed(0)
     gemm = gemm_gflops("cpu", 2048, budget=1.0)
     bw = stream_gbs("cpu", 1 << 25, budget=1.0)
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} cpus "
           f"(a load above the cpu count means other processes shared these cores during the run)")
     print(f"machine: {torch.get_num_threads()} threads, fp32 GEMM {gemm:.1f} GFLOP/s, stream copy {bw['copy']:.1f} GB/s, "
           f"triad {bw['triad']:.1f} GB/s")
-
-    # sparse_attn decode, V4-Flash: 64 heads, 128 window + 512 top-k, d = 512 (SPEC §9.2)
-    k = WINDOW + TOPK
-    for b in (1, 4, 16):
-        q, kv, sink, idx = sparse_attn_inputs(g, b, 1, 8192, k)
-        fn = lambda: v4k.sparse_attn(q, kv, sink, idx)  # noqa: E731
-        t = _median(fn, "cpu", mt)
-        tr = _median(fn, "reference", mt)
-        _row(f"sparse_attn decode flash b{b} k{k}", t, 4 * b * H_FLASH * k * D, gemm, tr, ">= 70% of GEMM")
-        _target(f"sparse_attn decode b{b}", 4 * b * H_FLASH * k * D / t / 1e9 / gemm, 0.70, "%")
-        packed = v4k.pack_kv_fp8(kv)
-        fn8 = lambda: v4k.sparse_attn(q, packed, sink, idx)  # noqa: E731
-        _row(f"sparse_attn decode flash b{b} k{k} fp8-kv", _median(fn8, "cpu", mt), 4 * b * H_FLASH * k * D, gemm, None,
-             "(info)")
-
-    # sparse_attn prefill: 4K queries x 640 indices
-    q, kv, sink, idx = sparse_attn_inputs(g, 1, 4096, 4096 + 1024, k)
-    fn = lambda: v4k.sparse_attn(q, kv, sink, idx)  # noqa: E731
-    t = _median(fn, "cpu", 0.0)
-    _row(f"sparse_attn prefill m4096 k{k}", t, 4 * 4096 * H_FLASH * k * D, gemm, None, ">= 60% of GEMM")
-    _target("sparse_attn prefill m4096", 4 * 4096 * H_FLASH * k * D / t / 1e9 / gemm, 0.60, "%")
-
-    # indexer decode at 1M tokens: 262,144 compressed keys, 64 heads x 128, top-512 (SPEC §7.2)
-    n = 262144
-    qi = torch.randn(1, 1, 64, 128, generator=g).bfloat16()
-    w = torch.randn(1, 1, 64, generator=g)
-    pos = torch.tensor([[4 * n - 1]])
-    kf = torch.randn(1, n, 128, generator=g)
-    fmts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {
-        "bf16": (kf.bfloat16(), None),
-        "fp8": v4k.act_quant(kf, 128),
-        "fp4": v4k.fp4_act_quant(kf, 32),
-    }
-    del kf
-    times: dict[str, float] = {}
-    for fmt, (keys, ks) in fmts.items():
-        fn = lambda: v4k.indexer_topk(qi, w, keys, pos, TOPK, ratio=4, offset=WINDOW, key_scales=ks)  # noqa: E731
-        t = _median(fn, "cpu", mt)
-        tr = _median(fn, "reference", 0.0) if fmt == "bf16" else None
-        tgt = ">= 60% of GEMM" if fmt == "bf16" else "no slower than bf16" if fmt == "fp4" else "(info)"
-        _row(f"indexer_topk decode n{n} {fmt}", t, 2 * 64 * 128 * n, gemm, tr, tgt)
-        times[fmt] = t
-        if fmt == "bf16":
-            _target("indexer_topk decode 1M bf16", 2 * 64 * 128 * n / t / 1e9 / gemm, 0.60, "%")
-        elif fmt == "fp4":
-            _target("indexer_topk decode 1M fp4 vs bf16 (speed ratio)", times["bf16"] / t, 1.0, "x")
-
-    # hc_pre + hc_post at decode shapes (V4-Flash D = 4096, 4 streams), 1 and 4 tokens
-    hc, dm = 4, 4096
-    fnw = torch.randn(24, hc * dm, generator=g) * 0.01
-    scale = torch.rand(3, generator=g)
-    base = torch.randn(24, generator=g) * 0.1
-    for nt in (1, 4):
-        x = torch.randn(nt, hc, dm, generator=g).bfloat16()
-        a = torch.randn(nt, dm, generator=g).bfloat16()
-
-        def hc_step() -> torch.Tensor:
-            x_in, post, comb = v4k.hc_pre(x, fnw, scale, base)  # noqa: B023
-            return v4k.hc_post(a, x, post, comb)  # noqa: B023
-
-        t, tr = _median(hc_step, "cpu", mt), _median(hc_step, "reference", mt)
-        _row(f"hc_pre+hc_post decode flash t{nt}", t, None, gemm, tr, ">= 10x reference")
-        _target(f"hc_pre+hc_post decode T={nt}", tr / t, 10, "x")
-    fnh = torch.randn(hc, hc * dm, generator=g) * 0.01
-    head = lambda: v4k.hc_head(x, fnh, scale[:1], base[:hc])  # noqa: E731
-    _row("hc_head decode flash t4", _median(head, "cpu", mt), None, gemm, _median(head, "reference", mt), "(info)")
-
-    compressor_prefill(g, gemm)
-    moe_512(g, gemm)
-
+    run = Runner(0.2 if args.quick else 0.6)
+    summary: list[tuple[str, str, bool]] = []
+    for tg in TARGETS:
+        measured, ok = evaluate(tg, run, gemm)
+        summary.append((f"{tg.name} ({tg.want})", measured, ok))
+    for name in INFO:
+        _row(get_workload(name), run.time(name, "cpu"), gemm, None, "(info)")
     if args.csa64k:
-        csa_layer_64k(g, gemm)
-    print("\ntargets of issue 4 point 5 (one run; reference times of the slow ops are single calls):")
-    print(f"{'target':<58} {'measured':>10}  result")
-    for name, meas, ok in SUMMARY:
-        print(f"{name:<58} {meas:>10}  {'pass' if ok else 'MISS'}")
+        summary.append(csa_layer_64k())
+    print("\ntargets (one run; reference times of the slow workloads are single calls):")
+    print(f"{'target':<62} {'measured':>10}  result")
+    for name, meas, ok in summary:
+        print(f"{name:<62} {meas:>10}  {'pass' if ok else 'MISS'}")
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
-
-
-def compressor_prefill(g: torch.Generator, gemm: float) -> None:
-    """compress_kv prefill at V4-Flash dimensions (D 4096, hd 512, S 2048), CSA and HCA (SPEC §6)."""
-    dm, hd, s = 4096, 512, 2048
-    for ratio, name in ((4, "csa"), (128, "hca")):
-        coff = 2 if ratio == 4 else 1
-        x = torch.randn(1, s, dm, generator=g).bfloat16()
-        wkv = (torch.randn(coff * hd, dm, generator=g) * dm**-0.5).bfloat16()
-        wgate = (torch.randn(coff * hd, dm, generator=g) * dm**-0.5).bfloat16()
-        ape = torch.randn(ratio, coff * hd, generator=g) * 0.1
-        nw, freqs = torch.ones(hd).bfloat16(), 10000.0 ** (-torch.arange(32, dtype=torch.float32) / 32)
-        fn = lambda: v4k.compress_kv(x, wkv, wgate, ape, nw, freqs, v4k.CompressorState.empty(1, ratio, hd), ratio=ratio)  # noqa: E731,B023
-        t, tr = _median(fn, "cpu", 0.0), _once(fn, "reference")
-        _row(f"compress_kv prefill flash {name} s{s}", t, 2 * s * dm * 2 * coff * hd, gemm, tr, ">= 10x reference")
-        _target(f"compress_kv prefill {name} S=2048", tr / t, 10, "x")
-
-
-def moe_512(g: torch.Generator, gemm: float) -> None:
-    """moe_experts at 512 tokens, V4-Flash D 4096 / I 2048, 16 experts, top-6, FP4 weights (SPEC §11.3)."""
-    from v4kernels.ops.moe.reference import quantize_fp4_rows
-
-    t_, e, i, dm, k = 512, 16, 2048, 4096, 6
-    x = torch.randn(t_, dm, generator=g).bfloat16()
-    (w1, s1), (w3, s3), (w2, s2) = (quantize_fp4_rows(torch.randn(e, r, c, generator=g) * 0.02)
-                                    for r, c in ((i, dm), (i, dm), (dm, i)))
-    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t_)]).int()
-    wts = torch.rand(t_, k, generator=g)
-    fn = lambda: v4k.moe_experts(x, wts, ids, w1, w3, w2, w1_scale=s1, w3_scale=s3, w2_scale=s2)  # noqa: E731
-    t, tr = _median(fn, "cpu", 0.0), _once(fn, "reference")
-    _row(f"moe_experts t{t_} e{e} k{k} fp4", t, 3 * 2 * t_ * k * dm * i, gemm, tr, ">= 3x reference")
-    _target("moe_experts 512 tokens fp4", tr / t, 3, "x")
-
-
-def csa_layer_64k(g: torch.Generator, gemm: float) -> None:
-    """Attention path of one V4-Flash CSA layer over a 64K-token prefill: indexer top-k over the
-    16K compressed indexer keys (FP4) and sparse attention of every query over 128 window + 512
-    selected entries (KV: 64K window rows + 16K compressed rows). Reports the peak RSS."""
-    s, n_c = 65536, 65536 // 4
-    t0 = time.perf_counter()
-    qi = torch.randn(1, s, 64, 128, generator=g).bfloat16()
-    w = torch.randn(1, s, 64, generator=g)
-    keys, ks = v4k.fp4_act_quant(torch.randn(1, n_c, 128, generator=g), 32)
-    pos = torch.arange(s)[None]
-    with v4k.use_backend("cpu"):
-        comp = v4k.indexer_topk(qi, w, keys, pos, TOPK, ratio=4, offset=s, key_scales=ks)
-        del qi, w
-    # the window part of the index list is plain index arithmetic (no cpu kernel; reference)
-    win = v4k.window_indices([0], s, WINDOW, mode="prefill")
-    idx = torch.cat((win, comp), -1)
-    del win, comp
-    q = torch.randn(1, s, H_FLASH, D, generator=g).bfloat16()
-    kv = v4k.pack_kv_fp8(torch.randn(1, s + n_c, D, generator=g).bfloat16())
-    with v4k.use_backend("cpu"):
-        out = v4k.sparse_attn(q, kv, torch.zeros(H_FLASH), idx)
-    dt = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"{'csa layer prefill 64K (indexer + sparse_attn)':<46} {dt:10.1f} s  peak RSS {rss:.2f} GiB  "
-          f"out {tuple(out.shape)}  target: within 24 GiB")
-    SUMMARY.append(("csa layer prefill 64K peak RSS (<= 24 GiB)", f"{rss:.2f} GiB", rss <= 24.0))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``torch.library.opcheck`` on every ``torch.ops.v4k`` operator (DESIGN §3).
+"""``torch.library.opcheck`` on every ``torch.ops.v4k`` operator.
 
 Sample arguments come from the parity cases: each op's smallest non-large case is run through
 the public API with a recording wrapper around ``v4kernels._registry.dispatch`` (the op bodies

@@ -1,4 +1,4 @@
-"""Backends and dispatch (DESIGN §3): availability reasons, forcing (context manager, per op,
+"""Backends and dispatch: availability reasons, forcing (context manager, per op,
 nesting, V4K_BACKEND), automatic fallback, usage accounting, lazy imports and broken backends."""
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def block_config(kernel: str, device: torch.device) -> dict[str, int]:
 def dot_bf16(device: torch.device) -> bool:
     """Feed ``tl.dot`` bf16 operands (exact for bf16/FP8/FP4 data) instead of fp32 ones.
 
-    False under the interpreter, whose bf16 arithmetic is broken (TOOLCHAIN.md)."""
+    False under the interpreter, whose bf16 arithmetic is broken."""
     return target_kind(device) != "interpret"
 
 

@@ -25,7 +25,7 @@ TORCH_LIBRARY(v4k_cpu, m) { m.def("limits() -> Dict(str, int)", &limits); }
 
 
 // A minimal Python module so `import v4kernels._C_cpu` loads the library (and runs the
-// registrations above); no pybind11 (SPEC-independent build-time choice, see TOOLCHAIN.md).
+// registrations above); no pybind11 (a build-time choice: one dependency less).
 static struct PyModuleDef v4k_cpu_module = {PyModuleDef_HEAD_INIT, "_C_cpu",
                                             "v4kernels native CPU kernels (implements torch.ops.v4k_impl on CPU)", -1, nullptr};
 

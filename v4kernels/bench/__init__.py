@@ -1,6 +1,6 @@
 """Microbenchmark harness, rooflines and the V4 cost calculator.
 
-* :mod:`.workloads` — the shared workload registry (V4-Flash/Pro shapes, the ANCHORS tables).
+* :mod:`.workloads` — the shared workload registry (V4-Flash/Pro shapes, published kernel-test tables).
 * :mod:`.runner` — times public ops under ``v4kernels.use_backend``; :mod:`.timer` percentiles
   and peak memory; :mod:`.peak` the device's roofs (measured on CPU, datasheet for known GPUs/NPUs).
 * :mod:`.report` CSV and ``--compare``; :mod:`.roofline` the PNG.

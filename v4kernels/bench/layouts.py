@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..layers.config import V4Config, compress_ratio_of_layer
+
 __all__ = [
     "KVLayout", "MAIN_KV_FP8", "MAIN_KV_BF16", "INDEXER_KEY_FP4", "INDEXER_KEY_FP8", "INDEXER_KEY_BF16",
     "MLA_KV_FP8_V32", "MLA_KV_BF16", "INDEXER_LAYOUTS", "MAIN_LAYOUTS",
@@ -24,14 +26,16 @@ __all__ = [
     "HEAD_DIM", "ROPE_DIM", "NOPE_DIM", "WINDOW", "CSA_RATIO", "HCA_RATIO", "INDEX_HEADS", "INDEX_DIM",
 ]
 
-HEAD_DIM = 512  #: d: K=V head vector, [nope 448 | rope 64] (SPEC §0.2)
-ROPE_DIM = 64  #: r
-NOPE_DIM = HEAD_DIM - ROPE_DIM  #: n = 448
-WINDOW = 128  #: sliding window W (every V4 layer)
-CSA_RATIO = 4  #: m for compressed sparse attention
+_FLASH_CFG, _PRO_CFG = V4Config.flash(), V4Config.pro()
+
+HEAD_DIM = _FLASH_CFG.head_dim  #: d = 512: K=V head vector, [nope 448 | rope 64] (SPEC §0.2)
+ROPE_DIM = _FLASH_CFG.rope_head_dim  #: r = 64
+NOPE_DIM = _FLASH_CFG.nope_dim  #: n = 448
+WINDOW = _FLASH_CFG.window_size  #: sliding window W = 128 (every V4 layer)
+CSA_RATIO = 4  #: m for compressed sparse attention (SPEC §1.2)
 HCA_RATIO = 128  #: m for heavily compressed attention
-INDEX_HEADS = 64  #: HI
-INDEX_DIM = 128  #: dI
+INDEX_HEADS = _FLASH_CFG.index_n_heads  #: HI = 64
+INDEX_DIM = _FLASH_CFG.index_head_dim  #: dI = 128
 
 
 @dataclass(frozen=True)
@@ -117,22 +121,21 @@ class ModelConfig:
         return sum(1 for m in self.compress_ratios if m == 0)
 
 
-def _v4_schedule(first: tuple[int, ...], n_layers: int) -> tuple[int, ...]:
-    # SPEC §1.2: after the two leading layers, even layer ids are CSA (4), odd ids HCA (128).
-    return first + tuple(CSA_RATIO if i % 2 == 0 else HCA_RATIO for i in range(len(first), n_layers))
+def _v4_model(name: str, cfg: V4Config, active_params: float, published: dict[str, float]) -> ModelConfig:
+    """A V4 model's :class:`ModelConfig` from its :class:`V4Config` (the one definition of the
+    dimensions) and the per-layer schedule of SPEC §1.2 (main layers only)."""
+    return ModelConfig(
+        name, "v4", cfg.n_layers, cfg.n_heads, cfg.dim, active_params,
+        tuple(compress_ratio_of_layer(name, i) for i in range(cfg.n_layers)), index_topk=cfg.index_topk,
+        q_lora=cfg.q_lora_rank, o_groups=cfg.o_groups, o_lora=cfg.o_lora_rank, n_experts=cfg.n_routed_experts,
+        topk_experts=cfg.n_activated_experts, moe_inter=cfg.moe_inter_dim, route_scale=cfg.route_scale,
+        published=published,
+    )
 
 
-FLASH = ModelConfig(
-    "flash", "v4", 43, 64, 4096, 13e9, _v4_schedule((0, 0), 43), index_topk=512, q_lora=1024, o_groups=8,
-    o_lora=1024, n_experts=256, topk_experts=6, moe_inter=2048, route_scale=1.5,
-    # [PAPER] as quoted in SPEC §0.1/§15 #13: fraction of V3.2 at 1M context
-    published={"kv_vs_v32": 0.07, "flops_vs_v32": 0.10},
-)
-PRO = ModelConfig(
-    "pro", "v4", 61, 128, 7168, 49e9, _v4_schedule((128, 128), 61), index_topk=1024, q_lora=1536, o_groups=16,
-    o_lora=1024, n_experts=384, topk_experts=6, moe_inter=3072, route_scale=2.5,
-    published={"kv_vs_v32": 0.10, "flops_vs_v32": 0.27},
-)
+# Active parameters (SPEC §1.1) and DeepSeek's published fractions of V3.2 at 1M context (SPEC §15 #13)
+FLASH = _v4_model("flash", _FLASH_CFG, 13e9, {"kv_vs_v32": 0.07, "flops_vs_v32": 0.10})
+PRO = _v4_model("pro", _PRO_CFG, 49e9, {"kv_vs_v32": 0.10, "flops_vs_v32": 0.27})
 #: DeepSeek-V3.2: 61 MLA layers, each with the DSA indexer (64 heads x 128, top-2048).
 V32 = ModelConfig("v3.2", "mla", 61, 128, 7168, 37e9, index_topk=2048, dsa=True)
 #: DeepSeek-V3: 61 dense MLA layers, no indexer.

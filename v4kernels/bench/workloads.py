@@ -10,8 +10,8 @@ Sources of the shapes:
 * V4-Flash / V4-Pro model dimensions (SPEC §1.1, :mod:`v4kernels.bench.layouts`), prefill
   chunks of 4096 tokens and decode batches, head counts 8..128 after tensor parallelism,
   contexts up to 1M tokens for the indexer and the HCA path;
-* the sparse-attention and mHC tables of the Triton V4 challenge (ANCHORS §5.9);
-* the FlashMLA V4 ("MODEL1") test shapes (ANCHORS §1.1): sparse prefill ``s_q = 4096`` over
+* the sparse-attention and mHC tables of the Triton V4 challenge (tasks 01 and 02);
+* the FlashMLA V4 ("MODEL1") test shapes: sparse prefill ``s_q = 4096`` over
   8K..64K KV rows with h64/top-512 and h128/top-1024, decode batches 2..256 at ``s_k = 16384``.
 
 FLOPs count multiply-adds as 2 and elementwise arithmetic as 1 per operation; bytes are the
@@ -257,14 +257,22 @@ def _attention_workloads() -> None:
         for h in sorted({min(16, model.n_heads), model.n_heads}):
             _sparse_attn(f"{model.name}-prefill-csa-s4096-h{h}", 1, S, h, S + S // CSA_RATIO, WINDOW + topk,
                          _tags(model, "prefill", "csa", heads=h, ctx=S))
+    # Flash CSA decode batches at 32K context, all 64 heads, bf16 and FP8 KV (the CPU backend's
+    # decode targets, bench/cpu_targets.py)
+    ctx = 32 * 1024
+    for B in (1, 4, 16):
+        for fp8 in (False, True):
+            _sparse_attn(f"flash-decode-csa-{'fp8kv-' if fp8 else ''}b{B}-h{FLASH.n_heads}-ctx32k", B, 1, FLASH.n_heads,
+                         WINDOW + ctx // CSA_RATIO, WINDOW + FLASH.index_topk,
+                         _tags(FLASH, "decode", "csa", heads=FLASH.n_heads, ctx=ctx), fp8_kv=fp8)
     # small CPU-sized problems for --quick
     _sparse_attn("tiny-decode-b4-h8-k256", 4, 1, 8, 1024, 256, _tags(None, "decode", "tiny", heads=8), quick=True)
     _sparse_attn("tiny-decode-fp8kv-b4-h8-k256", 4, 1, 8, 1024, 256, _tags(None, "decode", "tiny", heads=8), quick=True,
                  fp8_kv=True)
     _sparse_attn("tiny-prefill-s64-h8-k192", 1, 64, 8, 256, 192, _tags(None, "prefill", "tiny", heads=8), quick=True)
 
-    # Triton V4 challenge task 01 (ANCHORS §5.9): 16 heads = Flash at TP4, topk 640 = 128 SWA + 512 CSA
-    src = "ANCHORS §5.9 (Triton V4 challenge, task 01)"
+    # Triton V4 challenge task 01: 16 heads = Flash at TP4, topk 640 = 128 SWA + 512 CSA
+    src = "Triton V4 challenge, task 01"
     for phase, B, S, N, K in (("prefill", 64, 1024, 1024, 128), ("prefill", 64, 1024, 1280, 384), ("prefill", 16, 4096, 4096, 128),
                               ("prefill", 1, 16384, 16384, 128), ("prefill", 1, 16384, 20480, 640), ("decode", 64, 1, 128, 128),
                               ("decode", 64, 1, 400, 392), ("decode", 64, 1, 640, 640), ("decode", 16, 1, 1408, 640),
@@ -272,9 +280,9 @@ def _attention_workloads() -> None:
         _sparse_attn(f"challenge-{phase}-b{B}-s{S}-kv{N}-k{K}", B, S, 16, N, K,
                      _tags(FLASH, phase, "challenge", heads=16), source=src)
 
-    # FlashMLA V4 (MODEL1) tests (ANCHORS §1.1): sparse prefill s_q=4096, s_kv 8K..64K, no batch;
+    # FlashMLA V4 (MODEL1) tests: sparse prefill s_q=4096, s_kv 8K..64K, no batch;
     # decode s_k=16384 with batches 2..256 (main SWA top-128 + extra c4 top-k).
-    src = "ANCHORS §1.1 (FlashMLA MODEL1 tests)"
+    src = "FlashMLA MODEL1 tests"
     for model in (FLASH, PRO):
         h, k = model.n_heads, model.index_topk
         for skv in (8192, 32768, 65536):
@@ -486,7 +494,7 @@ def _compressor_workloads() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# mHC (SPEC §10), including the task-02 table of ANCHORS §5.9
+# mHC (SPEC §10), including the task-02 table of the Triton V4 challenge
 # --------------------------------------------------------------------------------------------
 
 HC = 4
@@ -500,7 +508,7 @@ def sinkhorn_flops(rows: int) -> float:
 
 
 def _mhc_workloads() -> None:
-    src = "ANCHORS §5.9 (Triton V4 challenge, task 02)"
+    src = "Triton V4 challenge, task 02"
     for ctx, pre, B in (("16k", 16384, 1), ("4k", 4096, 16), ("1k", 1024, 64)):
         for phase, S in (("decode", 1), ("prefill", pre)):
             name = f"challenge-{ctx}-{phase}-b{B}-s{S}"
@@ -517,7 +525,7 @@ def _mhc_workloads() -> None:
                quick=(phase == "decode" and B == 64), source=src)
     for model in (FLASH, PRO):
         D = model.dim
-        for phase, B, S in (("decode", 1, 1), ("decode", 64, 1), ("prefill", 1, 4096)):
+        for phase, B, S in (("decode", 1, 1), ("decode", 4, 1), ("decode", 64, 1), ("prefill", 1, 4096)):
             name = f"{model.name}-{phase}-b{B}-s{S}"
             T = B * S
             quick = model is FLASH and phase == "decode" and B == 64
@@ -602,6 +610,9 @@ def _moe_workloads() -> None:
             for phase, T in (("decode", 64), ("prefill", 4096)):
                 name = f"{model.name}-ep8-{wfmt}-{phase}-t{T}"
                 _moe_experts(name, T, k, El, D, I, wfmt, _tags(model, phase, "ep8", wfmt))
+    # a 512-token chunk on 16 local experts (Flash at 16-way expert parallelism), FP4 weights
+    _moe_experts("flash-ep16-fp4-prefill-t512", 512, FLASH.topk_experts, FLASH.n_experts // 16, FLASH.dim, FLASH.moe_inter,
+                 "fp4", _tags(FLASH, "prefill", "ep16", "fp4"))
     _moe_experts("tiny-bf16-t16", 16, 6, 8, 256, 128, "bf16", _tags(None, "decode", "tiny", "bf16"), quick=True)
     _moe_experts("tiny-fp4-t16", 16, 6, 8, 256, 128, "fp4", _tags(None, "decode", "tiny", "fp4"), quick=True)
 

@@ -15,6 +15,7 @@ class V4Config:
     n_routed_experts: int
     moe_inter_dim: int
     route_scale: float
+    n_layers: int = 43  # decoder layers, MTP block excluded (the Pro preset sets 61)
     head_dim: int = 512
     rope_head_dim: int = 64
     window_size: int = 128
@@ -47,7 +48,7 @@ class V4Config:
     @classmethod
     def pro(cls) -> "V4Config":
         return cls(dim=7168, n_heads=128, q_lora_rank=1536, o_groups=16, o_lora_rank=1024, index_topk=1024,
-                   n_routed_experts=384, moe_inter_dim=3072, route_scale=2.5)
+                   n_routed_experts=384, moe_inter_dim=3072, route_scale=2.5, n_layers=61)
 
     def with_(self, **kw: object) -> "V4Config":
         return replace(self, **kw)  # type: ignore[arg-type]
