@@ -363,3 +363,12 @@ _case("flash_csa_main_chunks_decode", batch=2, dim=D, head_dim=512, ratio=4, qua
       path="chunk", tags=("v4-flash", "odd"), large=True)
 _case("flash_hca_chunks_decode", batch=1, dim=D, head_dim=512, ratio=128, quant="fp8", plan=_calls(127, 1, 1, 129, 2),
       path="chunk", tags=("v4-flash", "odd"), large=True)
+
+
+# --------------------------------------------------------------------------------------------
+# NaN / ±inf inputs (docs/numerics.md)
+# --------------------------------------------------------------------------------------------
+from ._nonfinite import register_nonfinite  # noqa: E402
+
+register_nonfinite("compress_kv/csa_small_prefill_s129", ["x", "wkv", "wgate", "ape", "norm_weight", "freqs"])
+register_nonfinite("compress_kv/hca_small_prefill_s130", ["x", "wkv", "wgate", "ape"])
