@@ -47,7 +47,8 @@ inline void score_block(const float* __restrict Qt, int64_t HIp, const float* __
   }
   for (int j = 0; j < R; ++j) {
     vf s = vf{};
-    for (int v = 0; v < NV; ++v) s += vmax(acc[j][v], vf{}) * vload(w + v * VW);
+    // ReLU with NaN propagation: vmax(0, x) returns x when x is NaN (maxps semantics)
+    for (int v = 0; v < NV; ++v) s += vmax(vf{}, acc[j][v]) * vload(w + v * VW);
     sc[j] += vsum(s);
   }
 }

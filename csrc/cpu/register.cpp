@@ -34,7 +34,12 @@ void check_cpu(const Tensor& t, const char* op, const char* name) {
 }
 
 // Scales may arrive as fp32 or UE8M0 (float8_e8m0fnu); the kernels read fp32.
-Tensor scales_f32(const Tensor& s) { return s.to(at::kFloat).contiguous(); }
+// Block scales as fp32; an infinite scale (not representable in UE8M0) is treated as NaN so that
+// every output it scales is NaN whatever the data (docs/numerics.md).
+Tensor scales_f32(const Tensor& s) {
+  auto f = s.to(at::kFloat).contiguous();
+  return at::where(f.isinf(), std::numeric_limits<float>::quiet_NaN(), f).contiguous();
+}
 
 // ------------------------------------------------------------------------------ attention
 Tensor sparse_attn(const Tensor& q, const Tensor& kv, const Tensor& attn_sink, const Tensor& topk_idxs,

@@ -115,6 +115,8 @@ def sparse_attn(
             has_valid |= valid.any(-1, keepdim=True)
             rows = kv_rows[torch.where(valid, idx + row_base[r0:r1], 0)]  # skipped slots read row 0
             kvf = dequant_kv_rows(rows) if packed else rows.float()  # [R, kc, D]
+            # the stand-in row of a skipped slot must not leak NaN/inf through 0 · value
+            kvf = torch.where(valid.unsqueeze(-1), kvf, 0.0)
             s = torch.bmm(qf, kvf.transpose(1, 2)) * softmax_scale  # [R, H, kc]
             s = torch.where(valid.unsqueeze(1), s, neg_inf)
             # Online softmax across index chunks: rescale the running sums to the new max. A row
