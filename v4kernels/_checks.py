@@ -132,3 +132,27 @@ def check_index_range(op: str, name: str, idx: torch.Tensor, n: int, allow_senti
             f"{op}: {name} entries must lie in {exp}, got min {mn}, max {mx} "
             f"(first offending value {int(bad.flatten()[0])})"
         )
+
+
+def max_alloc_bytes() -> int:
+    """Largest single allocation an op may derive from its *scalar* arguments (index lists whose
+    size is set by ``seq_len``/``window``/``start_pos``, ...): ``V4K_MAX_ALLOC_GB`` GiB, default 4."""
+    raw = os.environ.get("V4K_MAX_ALLOC_GB", "4")
+    try:
+        gb = float(raw)
+    except ValueError:
+        raise ValueError(f"V4K_MAX_ALLOC_GB must be a number of GiB, got {raw!r}") from None
+    return int(gb * 2**30)
+
+
+def check_alloc(op: str, what: str, numel: int, element_size: int, work_factor: int = 1) -> None:
+    """Refuse, before allocating, an output of ``numel`` elements whose size comes from scalar
+    arguments when it (times ``work_factor`` for temporaries) exceeds :func:`max_alloc_bytes`."""
+    need = numel * element_size * work_factor
+    limit = max_alloc_bytes()
+    if need > limit:
+        raise ValueError(
+            f"{op}: {what} would need {need / 2**30:.1f} GiB ({numel} elements x {element_size} bytes"
+            f"{f' x {work_factor} for temporaries' if work_factor > 1 else ''}), over the {limit / 2**30:.1f} GiB "
+            f"limit (V4K_MAX_ALLOC_GB); check the arguments"
+        )

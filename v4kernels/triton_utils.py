@@ -107,7 +107,9 @@ def scale_args(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(tensor for the kernel, is_ue8m0) for scales given as fp32 or float8_e8m0fnu."""
     if s.dtype == torch.float8_e8m0fnu:
         return s.view(torch.uint8), True
-    return s.float(), False
+    s = s.float()
+    # an infinite block scale (not representable in UE8M0) counts as NaN (docs/numerics.md)
+    return torch.where(torch.isinf(s), float("nan"), s), False
 
 
 def cdiv(a: int, b: int) -> int:

@@ -2,6 +2,8 @@
 // checks and scale conversion. The kernel translation units never include this (no torch headers).
 #pragma once
 
+#include <limits>
+
 #include <ATen/ATen.h>
 
 #include "kernels.h"
@@ -31,8 +33,13 @@ inline void check_cpu(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "v4k_cpu::", op, ": ", name, " must be a CPU tensor, got ", t.device());
 }
 
-// Scales may arrive as fp32 or UE8M0 (float8_e8m0fnu); the kernels read fp32.
-inline Tensor scales_f32(const Tensor& s) { return s.to(at::kFloat).contiguous(); }
+// Scales may arrive as fp32 or UE8M0 (float8_e8m0fnu); the kernels read fp32. An infinite scale
+// (not representable in UE8M0) is treated as NaN so that every output it scales is NaN whatever
+// the data (docs/numerics.md).
+inline Tensor scales_f32(const Tensor& s) {
+  auto f = s.to(at::kFloat).contiguous();
+  return at::where(f.isinf(), std::numeric_limits<float>::quiet_NaN(), f).contiguous();
+}
 
 }  // namespace aten
 }  // namespace v4k_cpu

@@ -162,7 +162,8 @@ void sparse_attn(const void* q, int q_dtype, const void* kv, int kv_kind, const 
       const int32_t* ix = idx + qi * K;
       int64_t nv = 0;
       for (int64_t k = 0; k < K; ++k)
-        if (ix[k] >= 0) valid[nv++] = ix[k];
+        // -1 and any index outside [0, N) are skipped: never read outside kv[b] (even unvalidated)
+        if (ix[k] >= 0 && ix[k] < N) valid[nv++] = ix[k];
       int64_t per = (nv + splits - 1) / splits;
       per = (per + KT - 1) / KT * KT;
       const int64_t v0 = std::min(nv, sp * per), v1 = std::min(nv, v0 + per);
@@ -200,10 +201,13 @@ void sparse_attn(const void* q, int q_dtype, const void* kv, int kv_kind, const 
           float* srow = S + r * KT;
           float mx = mrow[r];
           for (int j = 0; j < kt; ++j) mx = std::max(mx, srow[j]);
-          float a = std::exp(mrow[r] - mx);
+          // all scores so far -inf: shift by 0 so that exp gives 0, not NaN (a NaN score still
+          // propagates to l and O: docs/numerics.md)
+          const float sh = mx == -std::numeric_limits<float>::infinity() ? 0.f : mx;
+          float a = std::exp(mrow[r] - sh);
           float sum = 0.f;
           for (int j = 0; j < kt; ++j) {
-            float p = std::exp(srow[j] - mx);
+            float p = std::exp(srow[j] - sh);
             srow[j] = p;
             sum += p;
           }
@@ -226,7 +230,8 @@ void sparse_attn(const void* q, int q_dtype, const void* kv, int kv_kind, const 
       }
       for (int64_t r = 0; r < nh; ++r) {
         // SPEC §9.2: the sink is a virtual key with zero value, present only in the denominator.
-        float den = lrow[r] + std::exp(sink[h0 + r] - mrow[r]);
+        const float sh = mrow[r] == -std::numeric_limits<float>::infinity() ? 0.f : mrow[r];
+        float den = lrow[r] + std::exp(sink[h0 + r] - sh);
         float* orow = O + r * D;
         for (int64_t d = 0; d < D; ++d) orow[d] /= den;
         store_row(orow, q_dtype, obase + r * D * qes, D);
@@ -242,16 +247,20 @@ void sparse_attn(const void* q, int q_dtype, const void* kv, int kv_kind, const 
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, part_m[(qi * splits + sp) * H + h]);
         char* dst = static_cast<char*>(out) + qh * D * qes;
-        if (mx == -std::numeric_limits<float>::infinity()) {  // no valid index at all
+        const int32_t* ix = idx + qi * K;
+        bool any = false;
+        for (int64_t k = 0; k < K && !any; ++k) any = ix[k] >= 0 && ix[k] < N;
+        if (!any) {  // no valid index at all: zeros (the sink has a zero value)
           std::memset(dst, 0, D * qes);
           continue;
         }
+        // every partial is merged (a NaN l or o of any split propagates, docs/numerics.md)
+        const float sh = mx == -std::numeric_limits<float>::infinity() ? 0.f : mx;
         std::memset(orow, 0, D * sizeof(float));
-        float den = std::exp(sink[h] - mx);
+        float den = std::exp(sink[h] - sh);
         for (int64_t sp = 0; sp < splits; ++sp) {
           const int64_t pi = (qi * splits + sp) * H + h;
-          float w = part_m[pi] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(part_m[pi] - mx);
-          if (w == 0.f) continue;
+          const float w = std::exp(part_m[pi] - sh);
           den += part_l[pi] * w;
           const float* po = part_o.data() + pi * D;
           for (int64_t d = 0; d < D; ++d) orow[d] += po[d] * w;

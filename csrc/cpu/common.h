@@ -325,7 +325,15 @@ static inline void fp8_roundtrip_pow2(float* x, int64_t n, int64_t block) {
   const float inv = static_cast<float>(1.0 / 448.0);
   for (int64_t b0 = 0; b0 < n; b0 += block) {
     float amax = 0.f;
-    for (int64_t i = b0; i < b0 + block; ++i) amax = std::max(amax, std::fabs(x[i]));
+    bool nan = false;
+    for (int64_t i = b0; i < b0 + block; ++i) {
+      amax = std::max(amax, std::fabs(x[i]));
+      nan |= x[i] != x[i];
+    }
+    if (nan) {  // a NaN amax makes the scale and so the whole block NaN (as torch.amax does)
+      for (int64_t i = b0; i < b0 + block; ++i) x[i] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     const float s = pow2_scale(std::max(amax, 1e-4f), inv);
     for (int64_t i = b0; i < b0 + block; ++i) {
       const float v = std::min(std::max(x[i] / s, -448.0f), 448.0f);
@@ -347,7 +355,15 @@ static inline void fp4_roundtrip(float* x, int64_t n, int64_t block) {
   const float amin = std::ldexp(6.0f, -126);
   for (int64_t b0 = 0; b0 < n; b0 += block) {
     float amax = 0.f;
-    for (int64_t i = b0; i < b0 + block; ++i) amax = std::max(amax, std::fabs(x[i]));
+    bool nan = false;
+    for (int64_t i = b0; i < b0 + block; ++i) {
+      amax = std::max(amax, std::fabs(x[i]));
+      nan |= x[i] != x[i];
+    }
+    if (nan) {  // NaN amax: the whole block is NaN
+      for (int64_t i = b0; i < b0 + block; ++i) x[i] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     const float s = pow2_scale(std::max(amax, amin), inv);
     for (int64_t i = b0; i < b0 + block; ++i) x[i] = kFp4[e2m1_code(x[i] / s)] * s;
   }

@@ -50,6 +50,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
   auto fr = freqs.to(at::kFloat).contiguous();
   auto pk = pending_kv.contiguous(), ps = pending_score.contiguous(), vk = prev_kv.contiguous(),
        vs = prev_score.contiguous(), nt = n_tokens.contiguous();
+  {  // state counters index the pending window: never trust them unvalidated
+    const int64_t* n = nt.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(n[b] >= 0 && n[b] < (int64_t{1} << 62) - S, "v4k_cpu::compress_kv: n_tokens[", b, "] must lie in [0, 2**62 - S), got ",
+                  n[b]);
+  }
   auto entries = at::empty({B, (S + ratio - 1) / ratio, hd}, x.options());
   auto num_new = at::empty({B}, n_tokens.options().dtype(at::kInt));
   auto pko = at::empty_like(pk), pso = at::empty_like(ps), vko = at::empty_like(vk), vso = at::empty_like(vs);

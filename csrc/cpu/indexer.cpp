@@ -9,6 +9,7 @@
 // of the best k (score, index) pairs. With few queries (decode) the key range is split across
 // threads and the per-split heaps are merged at the end.
 #include <algorithm>
+#include <limits>
 #include <utility>
 
 #if defined(__AVX512F__)
@@ -46,7 +47,8 @@ inline void score_block(const float* __restrict Qt, int64_t HIp, const float* __
   }
   for (int j = 0; j < R; ++j) {
     vf s = vf{};
-    for (int v = 0; v < NV; ++v) s += vmax(acc[j][v], vf{}) * vload(w + v * VW);
+    // ReLU with NaN propagation: vmax(0, x) returns x when x is NaN (maxps semantics)
+    for (int v = 0; v < NV; ++v) s += vmax(vf{}, acc[j][v]) * vload(w + v * VW);
     sc[j] += vsum(s);
   }
 }
@@ -211,7 +213,9 @@ void indexer(const void* q, int q_dtype, const void* w, int w_dtype, const void*
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t qi = b * S + s0 + i;
         // SPEC §7.2 causal limit: entry c is visible to the query at t iff c < (t+1)//ratio
-        int64_t vis = (positions[qi] + 1) / ratio;
+        // (negative or huge positions, possible with value checks off, clamp to [0, N])
+        const int64_t t = positions[qi];
+        int64_t vis = t < 0 ? 0 : (t == std::numeric_limits<int64_t>::max() ? t / ratio : (t + 1) / ratio);
         lim[i] = std::max<int64_t>(0, std::min(vis, N));
         cmax = std::max(cmax, std::min(lim[i], c1));
         // q transposed to [dI, HIp] (padding heads have q = 0 and weight 0)
@@ -251,6 +255,7 @@ void indexer(const void* q, int q_dtype, const void* w, int w_dtype, const void*
           if (want_topk) {
             TopK& h = tk[i];
             for (int j = 0; j < kv; ++j) {
+              if (sc[j] != sc[j]) continue;  // a NaN score is never selected (docs/numerics.md)
               if (h.full() && sc[j] < h.h[0].s) continue;  // cheap reject before the heap
               h.push(sc[j], static_cast<int32_t>(t0 + j));
             }

@@ -72,6 +72,8 @@ Tensor indexer_topk(const Tensor& q, const Tensor& weights, const Tensor& keys, 
                     const Tensor& positions, int64_t topk, int64_t ratio, int64_t offset) {
   auto a = indexer_args("indexer_topk", q, weights, keys, key_scales, positions, ratio);
   TORCH_CHECK(topk >= 0, "v4k_cpu::indexer_topk: topk must be >= 0, got ", topk);
+  TORCH_CHECK(offset >= 0 && offset + a.N <= (int64_t{1} << 31), "v4k_cpu::indexer_topk: offset + N must lie in [0, 2**31], got offset ",
+              offset, ", N ", a.N);
   const int64_t kout = std::min(topk, a.N);
   auto out = at::empty({a.B, a.S, kout}, q.options().dtype(at::kInt));
   if (out.numel() == 0) return out;

@@ -87,6 +87,15 @@ def _list(ws: list[Any]) -> None:
     print(f"\n{len(ws)} workloads")
 
 
+def _have_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import report
 
@@ -146,6 +155,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     csv_path = args.csv or (QUICK_CSV if args.quick else None)
     png_path = args.plot or (QUICK_PNG if args.quick else None)
+    # optional dependencies are looked up before any work: an explicit --plot needs matplotlib,
+    # the implicit --quick plot is skipped (and said so) without it
+    plot_skipped = ""
+    if png_path and not _have_module("matplotlib"):
+        if args.plot:
+            print("bench: --plot needs matplotlib, which is not installed; install it with "
+                  "`pip install matplotlib` (or `pip install 'v4kernels[bench]'`), or drop --plot", file=sys.stderr)
+            return 2
+        plot_skipped = f"roofline plot {png_path} skipped: matplotlib is not installed (pip install matplotlib)"
+        png_path = None
+    if not args.no_progress and not _have_module("tqdm"):
+        print("bench: tqdm is not installed: no progress bar (pip install tqdm)", file=sys.stderr)
     cfg = BenchConfig(
         device=device, warmup=args.warmup,
         min_time=args.min_time if args.min_time is not None else (0.1 if args.quick else 0.3),
@@ -180,6 +201,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         plot_roofline(rows, peak, png_path)
         print(f"wrote {png_path}")
+    if plot_skipped:
+        print(plot_skipped)
     rc = 1 if n["error"] or ref_fail else 0
     if args.compare:
         c = report.compare_rows(report.read_csv(args.compare), [r.as_dict() for r in rows], args.threshold)

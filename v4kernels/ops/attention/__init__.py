@@ -9,7 +9,9 @@ import torch
 
 from ... import _checks as C
 from ..._registry import declare_op
+from .. import _autograd
 from . import reference as _reference  # noqa: F401  (registers the reference kernels)
+from .backward import sparse_attn_math
 from .reference import KV_DIM, PACKED_DIM
 
 __all__ = ["sparse_attn", "pack_kv_fp8", "unpack_kv_fp8", "grouped_linear"]
@@ -35,19 +37,77 @@ def _fake_grouped_linear(x, weight):
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
 
 
+def _dtname(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------- checks
+# One function per op over its schema arguments (docs/op_contracts.md): it runs inside the custom
+# op (``torch.ops.v4k.<op>``) and once in the public function, before any work.
+def _check_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale) -> None:
+    op = "sparse_attn"
+    C.check_tensor(op, "q", q, ndim=4, dtypes=C.FLOAT_DTYPES)
+    b, m, h, d = q.shape
+    if d != KV_DIM:
+        raise ValueError(f"{op}: q.shape[3] must be {KV_DIM} (head dim), got {d} (shape {list(q.shape)})")
+    C.check_tensor(op, "kv", kv, ndim=3)
+    if kv.dtype == torch.uint8:
+        C.check_tensor(op, "kv", kv, shape=[b, None, PACKED_DIM])
+    elif kv.dtype == q.dtype:
+        C.check_tensor(op, "kv", kv, shape=[b, None, KV_DIM])
+    else:
+        raise TypeError(
+            f"{op}: kv must have dtype {_dtname(q.dtype)} (same as q) or uint8 (packed FP8 rows), "
+            f"got {_dtname(kv.dtype)}"
+        )
+    n = kv.shape[1]
+    C.check_tensor(op, "attn_sink", attn_sink, dtypes=C.FLOAT_DTYPES, shape=[h])
+    C.check_tensor(op, "topk_idxs", topk_idxs, ndim=3, dtypes=C.INDEX_DTYPES)
+    C.check_tensor(op, "topk_idxs", topk_idxs, shape=[b, m, None])
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        raise TypeError(f"{op}: softmax_scale must be a finite float, got {type(softmax_scale).__name__} {softmax_scale!r}")
+    C.check_same_device(op, q=q, kv=kv, attn_sink=attn_sink, topk_idxs=topk_idxs)
+    C.check_index_range(op, "topk_idxs", topk_idxs, n)
+
+
+def _check_pack_kv_fp8(kv) -> None:
+    op = "pack_kv_fp8"
+    C.check_tensor(op, "kv", kv, dtypes=C.FLOAT_DTYPES)
+    if kv.dim() == 0 or kv.shape[-1] != KV_DIM:
+        raise ValueError(f"{op}: kv must have shape [..., {KV_DIM}], got {list(kv.shape)}")
+
+
+def _check_unpack_kv_fp8(packed, out_dtype) -> None:
+    op = "unpack_kv_fp8"
+    C.check_tensor(op, "packed", packed, dtypes=(torch.uint8,))
+    if packed.dim() == 0 or packed.shape[-1] != PACKED_DIM:
+        raise ValueError(f"{op}: packed must have shape [..., {PACKED_DIM}], got {list(packed.shape)}")
+    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "torch.bfloat16/float16/float32")
+
+
+def _check_grouped_linear(x, weight) -> None:
+    op = "grouped_linear"
+    C.check_tensor(op, "x", x, ndim=4, dtypes=C.FLOAT_DTYPES)
+    C.check_tensor(op, "weight", weight, ndim=3, dtypes=C.FLOAT_DTYPES)
+    g, din = x.shape[2], x.shape[3]
+    C.check_dim(op, "weight", weight, 0, g, "G = x.shape[2]")
+    C.check_dim(op, "weight", weight, 2, din, "Din = x.shape[3]")
+    C.check_same_device(op, x=x, weight=weight)
+
+
 _sparse_attn = declare_op(
     "attention",
     "sparse_attn",
     "(Tensor q, Tensor kv, Tensor attn_sink, Tensor topk_idxs, float softmax_scale) -> Tensor",
     _fake_sparse_attn,
+    check=_check_sparse_attn,
+    autograd=_autograd.recompute_backward(sparse_attn_math, (0, 1, 2)),
 )
-_pack_kv_fp8 = declare_op("attention", "pack_kv_fp8", "(Tensor kv) -> Tensor", _fake_pack)
-_unpack_kv_fp8 = declare_op("attention", "unpack_kv_fp8", "(Tensor packed, ScalarType out_dtype) -> Tensor", _fake_unpack)
-_grouped_linear = declare_op("attention", "grouped_linear", "(Tensor x, Tensor weight) -> Tensor", _fake_grouped_linear)
-
-
-def _dtname(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
+_pack_kv_fp8 = declare_op("attention", "pack_kv_fp8", "(Tensor kv) -> Tensor", _fake_pack, check=_check_pack_kv_fp8)
+_unpack_kv_fp8 = declare_op("attention", "unpack_kv_fp8", "(Tensor packed, ScalarType out_dtype) -> Tensor", _fake_unpack,
+                            check=_check_unpack_kv_fp8)
+_grouped_linear = declare_op("attention", "grouped_linear", "(Tensor x, Tensor weight) -> Tensor", _fake_grouped_linear,
+                             check=_check_grouped_linear)
 
 
 # ----------------------------------------------------------------------------- sparse attention
@@ -102,31 +162,10 @@ def sparse_attn(
     >>> o.shape, o.dtype, bool(o[0, 1].eq(0).all())
     (torch.Size([1, 2, 4, 512]), torch.bfloat16, True)
     """
-    op = "sparse_attn"
-    C.check_tensor(op, "q", q, ndim=4, dtypes=C.FLOAT_DTYPES)
-    b, m, h, d = q.shape
-    if d != KV_DIM:
-        raise ValueError(f"{op}: q.shape[3] must be {KV_DIM} (head dim), got {d} (shape {list(q.shape)})")
-    C.check_tensor(op, "kv", kv, ndim=3)
-    if kv.dtype == torch.uint8:
-        C.check_tensor(op, "kv", kv, shape=[b, None, PACKED_DIM])
-    elif kv.dtype == q.dtype:
-        C.check_tensor(op, "kv", kv, shape=[b, None, KV_DIM])
-    else:
-        raise TypeError(
-            f"{op}: kv must have dtype {_dtname(q.dtype)} (same as q) or uint8 (packed FP8 rows), "
-            f"got {_dtname(kv.dtype)}"
-        )
-    n = kv.shape[1]
-    C.check_tensor(op, "attn_sink", attn_sink, dtypes=C.FLOAT_DTYPES, shape=[h])
-    C.check_tensor(op, "topk_idxs", topk_idxs, ndim=3, dtypes=C.INDEX_DTYPES)
-    C.check_tensor(op, "topk_idxs", topk_idxs, shape=[b, m, None])
     if softmax_scale is None:
         softmax_scale = DEFAULT_SOFTMAX_SCALE
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
-        raise TypeError(f"{op}: softmax_scale must be a finite float, got {type(softmax_scale).__name__} {softmax_scale!r}")
-    C.check_same_device(op, q=q, kv=kv, attn_sink=attn_sink, topk_idxs=topk_idxs)
-    C.check_index_range(op, "topk_idxs", topk_idxs, n)
+    _check_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale)
+    n = kv.shape[1]
     if q.numel() == 0:
         return torch.empty_like(q)
     if topk_idxs.shape[2] == 0 or n == 0:
@@ -176,10 +215,7 @@ def pack_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     >>> p.shape, p.dtype, p[0, 576:].tolist()
     (torch.Size([2, 584]), torch.uint8, [119, 119, 119, 119, 119, 119, 119, 0])
     """
-    op = "pack_kv_fp8"
-    C.check_tensor(op, "kv", kv, dtypes=C.FLOAT_DTYPES)
-    if kv.dim() == 0 or kv.shape[-1] != KV_DIM:
-        raise ValueError(f"{op}: kv must have shape [..., {KV_DIM}], got {list(kv.shape)}")
+    _check_pack_kv_fp8(kv)
     if kv.numel() == 0:
         return _fake_pack(kv)
     return _pack_kv_fp8(kv.contiguous())
@@ -208,11 +244,7 @@ def unpack_kv_fp8(packed: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16)
     >>> bool(torch.equal(back[:, 448:], kv[:, 448:]))
     True
     """
-    op = "unpack_kv_fp8"
-    C.check_tensor(op, "packed", packed, dtypes=(torch.uint8,))
-    if packed.dim() == 0 or packed.shape[-1] != PACKED_DIM:
-        raise ValueError(f"{op}: packed must have shape [..., {PACKED_DIM}], got {list(packed.shape)}")
-    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "torch.bfloat16/float16/float32")
+    _check_unpack_kv_fp8(packed, out_dtype)
     if packed.numel() == 0:
         return _fake_unpack(packed, out_dtype)
     return _unpack_kv_fp8(packed.contiguous(), out_dtype)
@@ -246,13 +278,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     tensor([[[[1., 1.],
               [2., 2.]]]])
     """
-    op = "grouped_linear"
-    C.check_tensor(op, "x", x, ndim=4, dtypes=C.FLOAT_DTYPES)
-    C.check_tensor(op, "weight", weight, ndim=3, dtypes=C.FLOAT_DTYPES)
-    g, din = x.shape[2], x.shape[3]
-    C.check_dim(op, "weight", weight, 0, g, "G = x.shape[2]")
-    C.check_dim(op, "weight", weight, 2, din, "Din = x.shape[3]")
-    C.check_same_device(op, x=x, weight=weight)
+    _check_grouped_linear(x, weight)
     if x.numel() == 0 or weight.numel() == 0:
         # Empty output, or Din == 0: an empty sum is zero.
         return torch.zeros((*x.shape[:-1], weight.shape[1]), dtype=x.dtype, device=x.device)

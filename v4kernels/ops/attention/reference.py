@@ -107,12 +107,16 @@ def sparse_attn(
         qf = qf_all[r0:r1].float()  # [R, H, D]
         mx = torch.full((r1 - r0, h), float("-inf"), device=q.device)
         den = torch.zeros((r1 - r0, h), device=q.device)
+        has_valid = torch.zeros((r1 - r0, 1), dtype=torch.bool, device=q.device)
         acc = torch.zeros((r1 - r0, h, d), device=q.device)
         for k0 in range(0, k_total, kc):
             idx = idx_all[r0:r1, k0 : k0 + kc].long()
             valid = idx >= 0
+            has_valid |= valid.any(-1, keepdim=True)
             rows = kv_rows[torch.where(valid, idx + row_base[r0:r1], 0)]  # skipped slots read row 0
             kvf = dequant_kv_rows(rows) if packed else rows.float()  # [R, kc, D]
+            # the stand-in row of a skipped slot must not leak NaN/inf through 0 · value
+            kvf = torch.where(valid.unsqueeze(-1), kvf, 0.0)
             s = torch.bmm(qf, kvf.transpose(1, 2)) * softmax_scale  # [R, H, kc]
             s = torch.where(valid.unsqueeze(1), s, neg_inf)
             # Online softmax across index chunks: rescale the running sums to the new max. A row
@@ -124,8 +128,10 @@ def sparse_attn(
             den = den * alpha + p.sum(-1)
             acc = acc * alpha.unsqueeze(-1) + torch.bmm(p, kvf)
             mx = new_mx
-        any_valid = mx > float("-inf")
-        shift = torch.where(any_valid, mx, 0.0)
+        # Zeros only for rows without any listed key; a NaN score (mx NaN) propagates to the row
+        # (docs/numerics.md), all -inf scores give 0 (the sink takes all the weight).
+        any_valid = has_valid
+        shift = torch.where(mx > float("-inf"), mx, 0.0)
         # The sink is a virtual key with a zero value: denominator only (SPEC §9.2).
         den = den + torch.exp(sink.unsqueeze(0) - shift)
         o = torch.where(any_valid.unsqueeze(-1), acc / den.unsqueeze(-1), 0.0)

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ... import _checks as C
-from ..._registry import declare_op
+from ..._registry import declare_op, last_backend
 from . import reference as _reference  # noqa: F401  (registers the reference kernel)
 
 __all__ = ["CompressorState", "compress_kv"]
@@ -177,6 +177,84 @@ def _fake_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pendin
     )
 
 
+def _check_no_overlap(op: str, tensors: dict[str, torch.Tensor]) -> None:
+    """State tensors are written back in place: none may alias itself (an expanded, stride-0
+    view) or another one."""
+    spans = []
+    for name, t in tensors.items():
+        if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(
+                f"{op}: {name} must not overlap itself (got strides {t.stride()} for shape {list(t.shape)}, e.g. an "
+                f"expanded view); it is updated in place: pass a materialised tensor (.clone())"
+            )
+        if t.numel() and t.device.type != "meta":
+            start = t.data_ptr()
+            end = start + ((t.shape and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))) + 1) * t.element_size()
+            spans.append((start, end, name))
+    spans.sort()
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"{op}: state tensors {n0} and {n1} share memory; each must be a separate tensor")
+
+
+def _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score,
+                       n_tokens, ratio, quant, eps) -> None:
+    op = "compress_kv"
+    C.check_int(op, "ratio", ratio, minimum=1)
+    if not isinstance(quant, str):
+        raise TypeError(f"{op}: quant must be a str, got {type(quant).__name__}")
+    C.check_value(op, "quant", quant, quant in _QUANTS, "one of " + ", ".join(map(repr, _QUANTS)))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
+        raise ValueError(f"{op}: eps must be a float >= 0, got {eps!r}")
+    C.check_tensor(op, "x", x, ndim=3, dtypes=C.FLOAT_DTYPES)
+    bsz, s, d = x.shape
+    C.check_tensor(op, "norm_weight", norm_weight, ndim=1, dtypes=C.FLOAT_DTYPES)
+    hd = norm_weight.shape[0]
+    C.check_tensor(op, "freqs", freqs, ndim=1, dtypes=(torch.float32,))
+    r = 2 * freqs.shape[0]
+    if r == 0 or r > hd:
+        raise ValueError(f"{op}: 2*len(freqs) rope dims must be in [2, head_dim={hd}] (head_dim = len(norm_weight)), got {r}")
+    coff = _coff(ratio)
+    C.check_tensor(op, "wkv", wkv, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
+    C.check_tensor(op, "wgate", wgate, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
+    C.check_tensor(op, "ape", ape, dtypes=(torch.float32,), shape=[ratio, coff * hd])
+    # the state tensors (CompressorState's fields)
+    C.check_tensor(op, "pending_kv", pending_kv, ndim=3, dtypes=(torch.float32,))
+    C.check_tensor(op, "prev_kv", prev_kv, ndim=3, dtypes=(torch.float32,))
+    sb, sratio, width = pending_kv.shape
+    if sratio != ratio:
+        raise ValueError(f"{op}: state was created for ratio {sratio}, got ratio={ratio}")
+    if prev_kv.shape[2] != hd:
+        raise ValueError(f"{op}: state was created for head_dim {prev_kv.shape[2]}, got len(norm_weight)={hd}")
+    if sb != bsz:
+        raise ValueError(f"{op}: state holds {sb} sequences, got x.shape[0]={bsz} (shape {list(x.shape)})")
+    if width != coff * hd:
+        raise ValueError(
+            f"{op}: pending_kv.shape[2] must be coff*head_dim = {coff}*{hd} = {coff * hd} "
+            f"(head_dim from prev_kv, ratio {ratio}), got {width}"
+        )
+    nprev = ratio if coff == 2 else 0
+    C.check_tensor(op, "pending_score", pending_score, dtypes=(torch.float32,), shape=[bsz, ratio, coff * hd])
+    C.check_tensor(op, "prev_kv", prev_kv, shape=[bsz, nprev, hd])
+    C.check_tensor(op, "prev_score", prev_score, dtypes=(torch.float32,), shape=[bsz, nprev, hd])
+    C.check_tensor(op, "n_tokens", n_tokens, dtypes=(torch.int64,), shape=[bsz])
+    if quant == "fp8" and (hd - r) % 64:
+        raise ValueError(f"{op}: quant='fp8' quantises the {hd}-{r} nope dims in blocks of 64; {hd - r} is not a multiple of 64")
+    if quant == "fp4" and (hd < 32 or hd & (hd - 1)):
+        raise ValueError(f"{op}: quant='fp4' needs head_dim a power of two >= 32 (Hadamard + block 32), got {hd}")
+    C.check_same_device(op, x=x, wkv=wkv, wgate=wgate, ape=ape, norm_weight=norm_weight, freqs=freqs,
+                        state=pending_kv, pending_score=pending_score, prev_kv=prev_kv, prev_score=prev_score,
+                        n_tokens=n_tokens)
+    _check_no_overlap(op, dict(pending_kv=pending_kv, pending_score=pending_score, prev_kv=prev_kv,
+                               prev_score=prev_score, n_tokens=n_tokens))
+    if C.value_checks_enabled(n_tokens) and n_tokens.numel():
+        lo, hi = int(n_tokens.min()), int(n_tokens.max())
+        if lo < 0:
+            raise ValueError(f"{op}: state.n_tokens must be >= 0, got min {lo}")
+        if hi + s >= 2**62:
+            raise ValueError(f"{op}: state.n_tokens + S must be < 2**62, got max {hi} + {s}")
+
+
 _compress_kv = declare_op(
     "compressor",
     "compress_kv",
@@ -184,6 +262,7 @@ _compress_kv = declare_op(
     "Tensor pending_score, Tensor prev_kv, Tensor prev_score, Tensor n_tokens, int ratio, str quant, float eps) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _fake_compress_kv,
+    check=_check_compress_kv,
 )
 
 
@@ -262,44 +341,11 @@ def compress_kv(
     >>> n2.tolist(), st.positions  # positions 6, 7 close window 1
     ([1], [8])
     """
-    op = "compress_kv"
     if not isinstance(state, CompressorState):
-        raise TypeError(f"{op}: state must be a CompressorState, got {type(state).__name__}")
-    C.check_int(op, "ratio", ratio, minimum=1)
-    if not isinstance(quant, str):
-        raise TypeError(f"{op}: quant must be a str, got {type(quant).__name__}")
-    C.check_value(op, "quant", quant, quant in _QUANTS, "one of " + ", ".join(map(repr, _QUANTS)))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"{op}: eps must be a float >= 0, got {eps!r}")
-    C.check_tensor(op, "x", x, ndim=3, dtypes=C.FLOAT_DTYPES)
-    bsz, s, d = x.shape
-    C.check_tensor(op, "norm_weight", norm_weight, ndim=1, dtypes=C.FLOAT_DTYPES)
+        raise TypeError(f"compress_kv: state must be a CompressorState, got {type(state).__name__}")
+    _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, *state.tensors(), ratio, quant, eps)
+    bsz, s = x.shape[0], x.shape[1]
     hd = norm_weight.shape[0]
-    C.check_tensor(op, "freqs", freqs, ndim=1, dtypes=(torch.float32,))
-    r = 2 * freqs.shape[0]
-    if r == 0 or r > hd:
-        raise ValueError(f"{op}: 2*len(freqs) rope dims must be in [2, head_dim={hd}] (head_dim = len(norm_weight)), got {r}")
-    coff = _coff(ratio)
-    C.check_tensor(op, "wkv", wkv, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
-    C.check_tensor(op, "wgate", wgate, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
-    C.check_tensor(op, "ape", ape, dtypes=(torch.float32,), shape=[ratio, coff * hd])
-    if state.ratio != ratio:
-        raise ValueError(f"{op}: state was created for ratio {state.ratio}, got ratio={ratio}")
-    if state.head_dim != hd:
-        raise ValueError(f"{op}: state was created for head_dim {state.head_dim}, got len(norm_weight)={hd}")
-    if state.batch_size != bsz:
-        raise ValueError(f"{op}: state holds {state.batch_size} sequences, got x.shape[0]={bsz} (shape {list(x.shape)})")
-    # the state's own consistency (shapes, dtypes) may have been broken by reassigning fields
-    state.__post_init__()
-    if quant == "fp8" and (hd - r) % 64:
-        raise ValueError(f"{op}: quant='fp8' quantises the {hd}-{r} nope dims in blocks of 64; {hd - r} is not a multiple of 64")
-    if quant == "fp4" and (hd < 32 or hd & (hd - 1)):
-        raise ValueError(f"{op}: quant='fp4' needs head_dim a power of two >= 32 (Hadamard + block 32), got {hd}")
-    C.check_same_device(op, x=x, wkv=wkv, wgate=wgate, ape=ape, norm_weight=norm_weight, freqs=freqs,
-                        state=state.pending_kv)
-    n_tok = state.n_tokens
-    if C.value_checks_enabled(n_tok) and n_tok.numel() and int(n_tok.min()) < 0:
-        raise ValueError(f"{op}: state.n_tokens must be >= 0, got min {int(n_tok.min())}")
     if bsz == 0 or s == 0:
         return (x.new_zeros((bsz, (s + ratio - 1) // ratio, hd)), torch.zeros(bsz, dtype=torch.int32, device=x.device))
     out = _compress_kv(
@@ -307,6 +353,12 @@ def compress_kv(
         freqs.contiguous(), *(t.contiguous() for t in state.tensors()), ratio, quant, float(eps),
     )
     entries, num_new = out[0], out[1]
+    for name, dst, src in zip(("pending_kv", "pending_score", "prev_kv", "prev_score", "n_tokens"), state.tensors(), out[2:]):
+        if src.shape != dst.shape or src.dtype != dst.dtype or src.device != dst.device:
+            raise RuntimeError(
+                f"compress_kv: the {last_backend('compress_kv')} kernel returned {name} {list(src.shape)} "
+                f"{src.dtype} on {src.device}, expected {list(dst.shape)} {dst.dtype} on {dst.device}; state left unchanged"
+            )
     # Success: publish the new state in place (keeps tensor identity for static-buffer users).
     for dst, src in zip(state.tensors(), out[2:]):
         dst.copy_(src)

@@ -16,6 +16,8 @@ from . import reference as _reference  # noqa: F401  (registers the reference ke
 __all__ = ["indexer_scores", "indexer_topk", "indexer_query", "indexer_scale"]
 
 _SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)
+#: positions must stay below this so that ``(t + 1) // ratio`` cannot overflow int64
+_MAX_POSITION = 2**62
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -27,31 +29,9 @@ def _fake_topk(q, weights, keys, key_scales, positions, topk, ratio, offset):
     return q.new_empty((q.shape[0], q.shape[1], min(topk, keys.shape[1])), dtype=torch.int32)
 
 
-_indexer_scores = declare_op(
-    "indexer",
-    "indexer_scores",
-    "(Tensor q, Tensor weights, Tensor keys, Tensor? key_scales, Tensor positions, int ratio) -> Tensor",
-    _fake_scores,
-)
-_indexer_topk = declare_op(
-    "indexer",
-    "indexer_topk",
-    "(Tensor q, Tensor weights, Tensor keys, Tensor? key_scales, Tensor positions, int topk, int ratio, int offset) -> Tensor",
-    _fake_topk,
-)
-
-
 # ----------------------------------------------------------------------------- checks
-def _check_inputs(
-    op: str,
-    q: torch.Tensor,
-    weights: torch.Tensor,
-    keys: torch.Tensor,
-    positions: torch.Tensor,
-    key_scales: torch.Tensor | None,
-    ratio: int,
-) -> torch.Tensor:
-    """Validate the shared arguments; returns ``positions`` as contiguous int64 ``[B, S]``."""
+def _check_common(op, q, weights, keys, key_scales, positions, ratio) -> None:
+    """The arguments shared by both ops, in schema form (``positions`` [B, S])."""
     C.check_tensor(op, "q", q, ndim=4, dtypes=C.FLOAT_DTYPES)
     b, s, h, d = q.shape
     if h < 1 or d < 1:
@@ -77,17 +57,52 @@ def _check_inputs(
         if key_scales is None:
             raise ValueError(f"{op}: key_scales [B, N, dI/{block}] is required for {fmt.upper()} keys, got None")
         C.check_tensor(op, "key_scales", key_scales, dtypes=_SCALE_DTYPES, shape=[b, keys.shape[1], d // block])
-    C.check_tensor(op, "positions", positions, ndim=(1, 2), dtypes=C.INDEX_DTYPES)
-    if positions.dim() == 1:
-        C.check_tensor(op, "positions", positions, shape=[s])
-        positions = positions.unsqueeze(0).expand(b, s)
-    else:
-        C.check_tensor(op, "positions", positions, shape=[b, s])
+    C.check_tensor(op, "positions", positions, dtypes=C.INDEX_DTYPES, shape=[b, s])
     C.check_int(op, "ratio", ratio, minimum=1)
     C.check_same_device(op, q=q, weights=weights, keys=keys, key_scales=key_scales, positions=positions)
-    if C.value_checks_enabled(positions) and positions.numel() and int(positions.min()) < 0:
-        raise ValueError(f"{op}: positions must be >= 0, got min {int(positions.min())}")
-    return positions.to(torch.int64).contiguous()
+    if C.value_checks_enabled(positions) and positions.numel():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= _MAX_POSITION:
+            raise ValueError(f"{op}: positions must lie in [0, 2**62), got min {lo}, max {hi}")
+
+
+def _check_indexer_scores(q, weights, keys, key_scales, positions, ratio) -> None:
+    _check_common("indexer_scores", q, weights, keys, key_scales, positions, ratio)
+
+
+def _check_indexer_topk(q, weights, keys, key_scales, positions, topk, ratio, offset) -> None:
+    op = "indexer_topk"
+    _check_common(op, q, weights, keys, key_scales, positions, ratio)
+    C.check_int(op, "topk", topk, minimum=0)
+    C.check_int(op, "offset", offset, minimum=0)
+    n = keys.shape[1]
+    if offset + n > 2**31:
+        raise ValueError(f"{op}: offset + N must fit int32 (<= 2**31), got offset={offset}, N={n}")
+
+
+def _public_positions(op: str, q: object, positions: object) -> torch.Tensor:
+    """Positions as given to the public functions ([S] or [B, S]) -> the schema's [B, S]."""
+    C.check_tensor(op, "positions", positions, ndim=(1, 2), dtypes=C.INDEX_DTYPES)
+    if positions.dim() == 1 and isinstance(q, torch.Tensor) and q.dim() == 4:
+        C.check_tensor(op, "positions", positions, shape=[q.shape[1]])
+        positions = positions.unsqueeze(0).expand(q.shape[0], q.shape[1])
+    return positions
+
+
+_indexer_scores = declare_op(
+    "indexer",
+    "indexer_scores",
+    "(Tensor q, Tensor weights, Tensor keys, Tensor? key_scales, Tensor positions, int ratio) -> Tensor",
+    _fake_scores,
+    check=_check_indexer_scores,
+)
+_indexer_topk = declare_op(
+    "indexer",
+    "indexer_topk",
+    "(Tensor q, Tensor weights, Tensor keys, Tensor? key_scales, Tensor positions, int topk, int ratio, int offset) -> Tensor",
+    _fake_topk,
+    check=_check_indexer_topk,
+)
 
 
 def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -139,13 +154,14 @@ def indexer_scores(
     tensor([[[1., -inf, -inf],
              [1., 1., -inf]]])
     """
-    op = "indexer_scores"
-    positions = _check_inputs(op, q, weights, keys, positions, key_scales, ratio)
+    positions = _public_positions("indexer_scores", q, positions)
+    _check_indexer_scores(q, weights, keys, key_scales, positions, ratio)
     b, s = q.shape[:2]
     n = keys.shape[1]
     if b * s * n == 0:
         return torch.empty((b, s, n), dtype=torch.float32, device=q.device)
-    return _indexer_scores(q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales), positions, ratio)
+    return _indexer_scores(q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales),
+                           positions.to(torch.int64).contiguous(), ratio)
 
 
 def indexer_topk(
@@ -189,19 +205,15 @@ def indexer_topk(
     tensor([[[10, -1],
              [11, 12]]], dtype=torch.int32)
     """
-    op = "indexer_topk"
-    positions = _check_inputs(op, q, weights, keys, positions, key_scales, ratio)
-    C.check_int(op, "topk", topk, minimum=0)
-    C.check_int(op, "offset", offset, minimum=0)
+    positions = _public_positions("indexer_topk", q, positions)
+    _check_indexer_topk(q, weights, keys, key_scales, positions, topk, ratio, offset)
     b, s = q.shape[:2]
-    n = keys.shape[1]
-    k = min(topk, n)
-    if offset + n > 2**31:
-        raise ValueError(f"{op}: offset + N must fit int32, got offset={offset}, N={n}")
+    k = min(topk, keys.shape[1])
     if b * s * k == 0:
         return torch.empty((b, s, k), dtype=torch.int32, device=q.device)
     return _indexer_topk(
-        q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales), positions, topk, ratio, offset
+        q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales), positions.to(torch.int64).contiguous(),
+        topk, ratio, offset,
     )
 
 
@@ -244,6 +256,8 @@ def indexer_query(
     """
     op = "indexer_query"
     C.check_tensor(op, "q", q, ndim=4, dtypes=C.FLOAT_DTYPES)
+    C.check_bool(op, "rotate", rotate)
+    C.check_bool(op, "simulate_fp4", simulate_fp4)
     d = q.shape[-1]
     C.check_tensor(op, "freqs", freqs, ndim=1, dtypes=(torch.float32,))
     r = 2 * freqs.shape[0]

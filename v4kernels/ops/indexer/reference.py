@@ -126,10 +126,15 @@ def select_topk(scores: torch.Tensor, limits: torch.Tensor, k: int, offset: int)
     Largest first; equal scores keep the lower index first (a stable sort), so the result is
     deterministic. Slots past a row's visible count are −1; valid entries get ``+ offset``.
     """
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    nan = torch.isnan(scores)
+    order = torch.sort(scores.masked_fill(nan, float("-inf")), dim=-1, descending=True, stable=True).indices
+    # a NaN score ranks below every score, −inf included, and is never selected (docs/numerics.md)
+    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices)[:, :k]
     slot = torch.arange(k, device=scores.device)
-    # masked entries are −inf and sort last, so the first min(k, limit) slots are the visible ones
-    return torch.where(slot[None, :] < limits[:, None], order + offset, -1).to(torch.int32)
+    # masked entries are −inf and sort after the visible ones, so the first min(k, limit − #NaN)
+    # slots are the selectable visible entries
+    count = limits - nan.sum(-1)
+    return torch.where(slot[None, :] < count[:, None], order + offset, -1).to(torch.int32)
 
 
 @register_kernel("reference", "indexer_topk")

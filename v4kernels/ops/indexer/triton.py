@@ -84,7 +84,9 @@ def _sort_key(sc, n):
     """(score, index) -> uint64 whose unsigned order is (score ascending, index descending)."""
     b = sc.to(tl.uint32, bitcast=True)
     flip = tl.where((b >> 31) == 1, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
-    return ((b ^ flip).to(tl.uint64) << 32) | (0xFFFFFFFF - n.to(tl.uint32)).to(tl.uint64)
+    # NaN ranks below every score, −inf included (high word 0, never selected: docs/numerics.md)
+    hi = tl.where(sc != sc, 0, b ^ flip).to(tl.uint32)
+    return (hi.to(tl.uint64) << 32) | (0xFFFFFFFF - n.to(tl.uint32)).to(tl.uint64)
 
 
 @triton.jit
@@ -127,7 +129,7 @@ def _indexer_topk_kernel(
             best = _rank_merge(best, _sort_key(sc, n), ws_ptr + r.to(tl.int64) * (3 * KP), KP, RB)
     slot = tl.arange(0, KP)
     idx = (0xFFFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
-    out = tl.where(slot < limit, idx + offset, -1)
+    out = tl.where((slot < limit) & ((best >> 32) != 0), idx + offset, -1)
     tl.store(o_ptr + r.to(tl.int64) * K + slot, out, mask=slot < K)
 
 

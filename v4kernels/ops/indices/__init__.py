@@ -29,20 +29,20 @@ def _fake_compressed(start_pos, seq_len, ratio, offset, mode):
     return torch.empty((len(start_pos), seq_len, _reference.compressed_width(list(start_pos), seq_len, ratio)), dtype=torch.int32)
 
 
-_window_indices = declare_op("indices", "window_indices", "(int[] start_pos, int seq_len, int window, str mode) -> Tensor", _fake_window)
-_compressed_indices = declare_op(
-    "indices", "compressed_indices", "(int[] start_pos, int seq_len, int ratio, int offset, str mode) -> Tensor", _fake_compressed
-)
 
 
-def _check_layout(op: str, start_pos: int | Sequence[int], seq_len: int, mode: str) -> list[int]:
-    """Validate start positions, length and mode; returns start positions as a list of ints."""
+def _start_positions(op: str, start_pos: object) -> list[int]:
+    """The public ``start_pos`` (an int or a sequence of ints) as the schema's ``int[]``."""
     if isinstance(start_pos, torch.Tensor):
         raise TypeError(f"{op}: start_pos must be an int or a list of ints (use .tolist()), got a torch.Tensor")
     if isinstance(start_pos, (list, tuple)):
-        sp = [C.check_int(op, f"start_pos[{i}]", p, minimum=0) for i, p in enumerate(start_pos)]
-    else:
-        sp = [C.check_int(op, "start_pos", start_pos, minimum=0)]
+        return [C.check_int(op, f"start_pos[{i}]", p, minimum=0) for i, p in enumerate(start_pos)]
+    return [C.check_int(op, "start_pos", start_pos, minimum=0)]
+
+
+def _check_layout(op: str, start_pos: Sequence[int], seq_len: int, mode: str) -> list[int]:
+    """Validate start positions, length and mode; returns start positions as a list of ints."""
+    sp = _start_positions(op, list(start_pos) if isinstance(start_pos, (list, tuple)) else start_pos)
     C.check_int(op, "seq_len", seq_len, minimum=0)
     if not isinstance(mode, str) or mode not in _reference.MODES:
         raise ValueError(f"{op}: mode must be one of {list(_reference.MODES)}, got {mode!r}")
@@ -53,6 +53,42 @@ def _check_layout(op: str, start_pos: int | Sequence[int], seq_len: int, mode: s
     if sp and max(sp) + seq_len >= _INT32_LIMIT:
         raise ValueError(f"{op}: start_pos + seq_len must be < 2**31, got {max(sp) + seq_len}")
     return sp
+
+
+# the reference builds int64 position/slot grids of the output's size next to the int32 result
+_WORK_FACTOR = 5
+
+
+def _check_window_indices(start_pos, seq_len, window, mode) -> None:
+    op = "window_indices"
+    sp = _check_layout(op, start_pos, seq_len, mode)
+    C.check_int(op, "window", window, minimum=1)
+    if window + seq_len >= _INT32_LIMIT:
+        raise ValueError(f"{op}: window + seq_len must be < 2**31, got {window + seq_len}")
+    width = _reference.window_width(mode, seq_len, window)
+    C.check_alloc(op, f"the [B={len(sp)}, S={seq_len}, W={width}] int32 index list", len(sp) * seq_len * width, 4,
+                  _WORK_FACTOR)
+
+
+def _check_compressed_indices(start_pos, seq_len, ratio, offset, mode) -> None:
+    op = "compressed_indices"
+    sp = _check_layout(op, start_pos, seq_len, mode)
+    C.check_int(op, "ratio", ratio, minimum=1)
+    C.check_int(op, "offset", offset, minimum=0)
+    width = _reference.compressed_width(sp, seq_len, ratio)
+    if offset + width >= _INT32_LIMIT:
+        raise ValueError(f"{op}: offset + width must be < 2**31, got {offset} + {width}")
+    width = _reference.compressed_width(sp, seq_len, ratio)
+    C.check_alloc(op, f"the [B={len(sp)}, S={seq_len}, C={width}] int32 index list", len(sp) * seq_len * width, 4,
+                  _WORK_FACTOR)
+
+
+_window_indices = declare_op("indices", "window_indices", "(int[] start_pos, int seq_len, int window, str mode) -> Tensor",
+                             _fake_window, check=_check_window_indices)
+_compressed_indices = declare_op(
+    "indices", "compressed_indices", "(int[] start_pos, int seq_len, int ratio, int offset, str mode) -> Tensor",
+    _fake_compressed, check=_check_compressed_indices,
+)
 
 
 def window_indices(
@@ -99,11 +135,8 @@ def window_indices(
     >>> v4kernels.window_indices([5], 1, window=4, mode="decode")
     tensor([[[2, 3, 0, 1]]], dtype=torch.int32)
     """
-    op = "window_indices"
-    sp = _check_layout(op, start_pos, seq_len, mode)
-    C.check_int(op, "window", window, minimum=1)
-    if window + seq_len >= _INT32_LIMIT:
-        raise ValueError(f"{op}: window + seq_len must be < 2**31, got {window + seq_len}")
+    sp = _start_positions("window_indices", start_pos)
+    _check_window_indices(sp, seq_len, window, mode)
     width = _reference.window_width(mode, seq_len, window)
     if not sp or seq_len == 0:
         return torch.empty((len(sp), seq_len, width), dtype=torch.int32, device=device)
@@ -154,13 +187,9 @@ def compressed_indices(
              [ 8, -1],
              [ 8,  9]]], dtype=torch.int32)
     """
-    op = "compressed_indices"
-    sp = _check_layout(op, start_pos, seq_len, mode)
-    C.check_int(op, "ratio", ratio, minimum=1)
-    C.check_int(op, "offset", offset, minimum=0)
+    sp = _start_positions("compressed_indices", start_pos)
+    _check_compressed_indices(sp, seq_len, ratio, offset, mode)
     width = _reference.compressed_width(sp, seq_len, ratio)
-    if offset + width >= _INT32_LIMIT:
-        raise ValueError(f"{op}: offset + width must be < 2**31, got {offset} + {width}")
     if not sp or seq_len == 0 or width == 0:
         return torch.empty((len(sp), seq_len, width), dtype=torch.int32, device=device)
     out = _compressed_indices(sp, seq_len, ratio, offset, mode)

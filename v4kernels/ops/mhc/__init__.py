@@ -12,6 +12,8 @@ import torch
 
 from ... import _checks as C
 from ..._registry import declare_op
+from .. import _autograd
+from . import backward as _bw
 from . import reference as _reference  # noqa: F401  (registers the reference kernels)
 
 __all__ = ["hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head"]
@@ -46,24 +48,6 @@ def _fake_head(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps):
     return x.new_empty((*x.shape[:-2], x.shape[-1]))
 
 
-_split = declare_op(
-    "mhc", "hc_split_sinkhorn",
-    "(Tensor mixes, Tensor hc_scale, Tensor hc_base, int hc_mult, int sinkhorn_iters, float eps) -> (Tensor, Tensor, Tensor)",
-    _fake_split,
-)
-_pre = declare_op(
-    "mhc", "hc_pre",
-    "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, int sinkhorn_iters, float norm_eps, float hc_eps)"
-    " -> (Tensor, Tensor, Tensor)",
-    _fake_pre,
-)
-_post = declare_op("mhc", "hc_post", "(Tensor x, Tensor residual, Tensor post, Tensor comb, bool bf16_mix) -> Tensor", _fake_post)
-_head = declare_op(
-    "mhc", "hc_head", "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float norm_eps, float hc_eps) -> Tensor",
-    _fake_head,
-)
-
-
 # ----------------------------------------------------------------------------- checks
 def _check_params(op: str, hc: int, n_mix: int, n_scale: int, hc_scale: torch.Tensor, hc_base: torch.Tensor) -> None:
     C.check_tensor(op, "hc_scale", hc_scale, dtypes=_F32, shape=[n_scale])
@@ -78,6 +62,88 @@ def _check_streams(op: str, x: torch.Tensor) -> tuple[int, int]:
     if hc < 1 or d < 1:
         raise ValueError(f"{op}: x must have hc_mult >= 1 streams of D >= 1 features, got shape {list(x.shape)}")
     return hc, d
+
+
+def _check_hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps) -> None:
+    op = "hc_split_sinkhorn"
+    hc = C.check_int(op, "hc_mult", hc_mult, minimum=1)
+    C.check_int(op, "sinkhorn_iters", sinkhorn_iters, minimum=1)
+    C.check_real(op, "eps", eps, minimum=0)
+    n_mix = (2 + hc) * hc
+    C.check_tensor(op, "mixes", mixes, dtypes=_F32)
+    if mixes.dim() < 1 or mixes.shape[-1] != n_mix:
+        raise ValueError(
+            f"{op}: mixes must have shape [..., (2+hc_mult)*hc_mult = {n_mix}] for hc_mult={hc}, got {list(mixes.shape)}"
+        )
+    _check_params(op, hc, n_mix, 3, hc_scale, hc_base)
+    C.check_same_device(op, mixes=mixes, hc_scale=hc_scale, hc_base=hc_base)
+
+
+def _check_hc_pre(x, hc_fn, hc_scale, hc_base, sinkhorn_iters, norm_eps, hc_eps) -> None:
+    op = "hc_pre"
+    hc, d = _check_streams(op, x)
+    n_mix = (2 + hc) * hc
+    C.check_tensor(op, "hc_fn", hc_fn, dtypes=_F32, shape=[n_mix, hc * d])
+    _check_params(op, hc, n_mix, 3, hc_scale, hc_base)
+    C.check_int(op, "sinkhorn_iters", sinkhorn_iters, minimum=1)
+    C.check_real(op, "norm_eps", norm_eps, minimum=0)
+    C.check_real(op, "hc_eps", hc_eps, minimum=0)
+    C.check_same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+
+
+def _check_hc_post(x, residual, post, comb, bf16_mix) -> None:
+    op = "hc_post"
+    C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must be [..., D], got a scalar")
+    lead, d = list(x.shape[:-1]), x.shape[-1]
+    C.check_tensor(op, "residual", residual, dtypes=(x.dtype,))
+    if residual.dim() != x.dim() + 1 or list(residual.shape[:-2]) != lead or residual.shape[-1] != d:
+        exp = "[" + ", ".join(map(str, lead + ["hc", d])) + "]"
+        raise ValueError(f"{op}: residual must have shape {exp} to match x {list(x.shape)}, got {list(residual.shape)}")
+    hc = residual.shape[-2]
+    if hc < 1:
+        raise ValueError(f"{op}: residual must have hc_mult >= 1 streams, got shape {list(residual.shape)}")
+    C.check_tensor(op, "post", post, dtypes=_F32, shape=[*lead, hc])
+    C.check_tensor(op, "comb", comb, dtypes=_F32, shape=[*lead, hc, hc])
+    if not isinstance(bf16_mix, bool):
+        raise TypeError(f"{op}: bf16_mix must be a bool, got {type(bf16_mix).__name__} {bf16_mix!r}")
+    C.check_same_device(op, x=x, residual=residual, post=post, comb=comb)
+
+
+def _check_hc_head(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps) -> None:
+    op = "hc_head"
+    hc, d = _check_streams(op, x)
+    C.check_tensor(op, "hc_fn", hc_fn, dtypes=_F32, shape=[hc, hc * d])
+    _check_params(op, hc, hc, 1, hc_scale, hc_base)
+    C.check_real(op, "norm_eps", norm_eps, minimum=0)
+    C.check_real(op, "hc_eps", hc_eps, minimum=0)
+    C.check_same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+
+
+_split = declare_op(
+    "mhc", "hc_split_sinkhorn",
+    "(Tensor mixes, Tensor hc_scale, Tensor hc_base, int hc_mult, int sinkhorn_iters, float eps) -> (Tensor, Tensor, Tensor)",
+    _fake_split,
+    check=_check_hc_split_sinkhorn,
+    autograd=_autograd.recompute_backward(_bw.hc_split_sinkhorn_math, (0, 1, 2)),
+)
+_pre = declare_op(
+    "mhc", "hc_pre",
+    "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, int sinkhorn_iters, float norm_eps, float hc_eps)"
+    " -> (Tensor, Tensor, Tensor)",
+    _fake_pre,
+    check=_check_hc_pre,
+    autograd=_autograd.recompute_backward(_bw.hc_pre_math, (0, 1, 2, 3)),
+)
+_post = declare_op("mhc", "hc_post", "(Tensor x, Tensor residual, Tensor post, Tensor comb, bool bf16_mix) -> Tensor", _fake_post,
+                  check=_check_hc_post, autograd=_autograd.recompute_backward(_bw.hc_post_math, (0, 1, 2, 3)))
+_head = declare_op(
+    "mhc", "hc_head", "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float norm_eps, float hc_eps) -> Tensor",
+    _fake_head,
+    check=_check_hc_head,
+    autograd=_autograd.recompute_backward(_bw.hc_head_math, (0, 1, 2, 3)),
+)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -123,18 +189,8 @@ def hc_split_sinkhorn(
     >>> bool(torch.allclose(comb.sum(-2), torch.ones(1, 4), atol=1e-5))
     True
     """
-    op = "hc_split_sinkhorn"
-    hc = C.check_int(op, "hc_mult", hc_mult, minimum=1)
-    iters = C.check_int(op, "sinkhorn_iters", sinkhorn_iters, minimum=1)
-    eps = C.check_real(op, "eps", eps, minimum=0)
-    n_mix = (2 + hc) * hc
-    C.check_tensor(op, "mixes", mixes, dtypes=_F32)
-    if mixes.dim() < 1 or mixes.shape[-1] != n_mix:
-        raise ValueError(
-            f"{op}: mixes must have shape [..., (2+hc_mult)*hc_mult = {n_mix}] for hc_mult={hc}, got {list(mixes.shape)}"
-        )
-    _check_params(op, hc, n_mix, 3, hc_scale, hc_base)
-    C.check_same_device(op, mixes=mixes, hc_scale=hc_scale, hc_base=hc_base)
+    _check_hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps)
+    hc, iters, eps = hc_mult, sinkhorn_iters, float(eps)
     if mixes.numel() == 0:
         return _fake_split(mixes, hc_scale, hc_base, hc, iters, eps)
     return _split(mixes.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), hc, iters, eps)
@@ -174,15 +230,8 @@ def hc_pre(
     >>> x_in.shape, post.shape, comb.shape
     (torch.Size([2, 1, 64]), torch.Size([2, 1, 4]), torch.Size([2, 1, 4, 4]))
     """
-    op = "hc_pre"
-    hc, d = _check_streams(op, x)
-    n_mix = (2 + hc) * hc
-    C.check_tensor(op, "hc_fn", hc_fn, dtypes=_F32, shape=[n_mix, hc * d])
-    _check_params(op, hc, n_mix, 3, hc_scale, hc_base)
-    iters = C.check_int(op, "sinkhorn_iters", sinkhorn_iters, minimum=1)
-    norm_eps = C.check_real(op, "norm_eps", norm_eps, minimum=0)
-    hc_eps = C.check_real(op, "hc_eps", hc_eps, minimum=0)
-    C.check_same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+    _check_hc_pre(x, hc_fn, hc_scale, hc_base, sinkhorn_iters, norm_eps, hc_eps)
+    iters, norm_eps, hc_eps = sinkhorn_iters, float(norm_eps), float(hc_eps)
     if x.numel() == 0:
         return _fake_pre(x, hc_fn, hc_scale, hc_base, iters, norm_eps, hc_eps)
     return _pre(x.contiguous(), hc_fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), iters, norm_eps, hc_eps)
@@ -218,23 +267,7 @@ def hc_post(
     >>> v4kernels.hc_post(torch.ones(1, 2), res, torch.zeros(1, 4), comb)[0, 1]
     tensor([0., 1.])
     """
-    op = "hc_post"
-    C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must be [..., D], got a scalar")
-    lead, d = list(x.shape[:-1]), x.shape[-1]
-    C.check_tensor(op, "residual", residual, dtypes=(x.dtype,))
-    if residual.dim() != x.dim() + 1 or list(residual.shape[:-2]) != lead or residual.shape[-1] != d:
-        exp = "[" + ", ".join(map(str, lead + ["hc", d])) + "]"
-        raise ValueError(f"{op}: residual must have shape {exp} to match x {list(x.shape)}, got {list(residual.shape)}")
-    hc = residual.shape[-2]
-    if hc < 1:
-        raise ValueError(f"{op}: residual must have hc_mult >= 1 streams, got shape {list(residual.shape)}")
-    C.check_tensor(op, "post", post, dtypes=_F32, shape=[*lead, hc])
-    C.check_tensor(op, "comb", comb, dtypes=_F32, shape=[*lead, hc, hc])
-    if not isinstance(bf16_mix, bool):
-        raise TypeError(f"{op}: bf16_mix must be a bool, got {type(bf16_mix).__name__} {bf16_mix!r}")
-    C.check_same_device(op, x=x, residual=residual, post=post, comb=comb)
+    _check_hc_post(x, residual, post, comb, bf16_mix)
     if residual.numel() == 0:
         return _fake_post(x, residual, post, comb, bf16_mix)
     return _post(x.contiguous(), residual.contiguous(), post.contiguous(), comb.contiguous(), bf16_mix)
@@ -272,13 +305,8 @@ def hc_head(
     >>> v4kernels.hc_head(x, torch.zeros(4, 32), torch.ones(1), torch.zeros(4), hc_eps=0.0)[0, :2]
     tensor([2., 2.])
     """
-    op = "hc_head"
-    hc, d = _check_streams(op, x)
-    C.check_tensor(op, "hc_fn", hc_fn, dtypes=_F32, shape=[hc, hc * d])
-    _check_params(op, hc, hc, 1, hc_scale, hc_base)
-    norm_eps = C.check_real(op, "norm_eps", norm_eps, minimum=0)
-    hc_eps = C.check_real(op, "hc_eps", hc_eps, minimum=0)
-    C.check_same_device(op, x=x, hc_fn=hc_fn, hc_scale=hc_scale, hc_base=hc_base)
+    _check_hc_head(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps)
+    norm_eps, hc_eps = float(norm_eps), float(hc_eps)
     if x.numel() == 0:
         return _fake_head(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps)
     return _head(x.contiguous(), hc_fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), norm_eps, hc_eps)

@@ -29,22 +29,6 @@ def _fake_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swigl
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
-_moe_gate = declare_op(
-    "moe",
-    "moe_gate",
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? tid2eid, Tensor? token_ids, int topk, float route_scale, "
-    "bool hf_eps) -> (Tensor, Tensor)",
-    _fake_gate,
-)
-_moe_experts = declare_op(
-    "moe",
-    "moe_experts",
-    "(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w1, Tensor? w1_s, Tensor w3, Tensor? w3_s, Tensor w2, "
-    "Tensor? w2_s, float swiglu_limit, bool weight_after_w2, ScalarType out_dtype) -> Tensor",
-    _fake_experts,
-)
-
-
 # ----------------------------------------------------------------------------- checks
 def _shape_str(names: tuple[str, ...], dims: tuple[int | None, ...]) -> str:
     return "[" + ", ".join(n if d is None else f"{n}={d}" for n, d in zip(names, dims)) + "]"
@@ -113,6 +97,83 @@ def _opt(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _check_ffn_options(op: str, swiglu_limit: object, out_dtype: object, default: torch.dtype) -> tuple[float, torch.dtype]:
+    lim = C.check_real(op, "swiglu_limit", swiglu_limit)
+    C.check_value(op, "swiglu_limit", swiglu_limit, lim >= 0, ">= 0 (0 disables the clamp)")
+    return lim, C.check_out_dtype(op, out_dtype, default)
+
+
+def _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps) -> None:
+    op = "moe_gate"
+    C.check_tensor(op, "x", x, ndim=2, dtypes=C.FLOAT_DTYPES)
+    t, d = x.shape
+    C.check_tensor(op, "weight", weight, ndim=2, dtypes=C.FLOAT_DTYPES)
+    C.check_dim(op, "weight", weight, 1, d, "D = x.shape[1]")
+    n_experts = weight.shape[0]
+    C.check_int(op, "topk", topk, minimum=1)
+    if topk > n_experts:
+        raise ValueError(f"{op}: topk must be <= the number of experts E={n_experts}, got {topk}")
+    rs = C.check_real(op, "route_scale", route_scale)
+    C.check_value(op, "route_scale", route_scale, math.isfinite(rs) and rs > 0, "a finite float > 0")
+    C.check_bool(op, "hf_eps", hf_eps)
+    if bias is not None:
+        C.check_tensor(op, "bias", bias, dtypes=C.FLOAT_DTYPES, shape=[n_experts])
+    if (tid2eid is None) != (token_ids is None):
+        given, missing = ("tid2eid", "token_ids") if token_ids is None else ("token_ids", "tid2eid")
+        raise ValueError(f"{op}: hash routing needs both tid2eid and token_ids; {given} was given but {missing} is None")
+    if tid2eid is not None:
+        if bias is not None:
+            raise ValueError(f"{op}: bias must be None with hash routing (tid2eid given); hash layers have no bias")
+        C.check_tensor(op, "tid2eid", tid2eid, ndim=2, dtypes=C.INDEX_DTYPES)
+        if tid2eid.shape[1] != topk:
+            raise ValueError(f"{op}: tid2eid must have shape [V, topk={topk}], got {list(tid2eid.shape)}")
+        C.check_tensor(op, "token_ids", token_ids, dtypes=C.INDEX_DTYPES, shape=[t])
+    C.check_same_device(op, x=x, weight=weight, bias=bias, tid2eid=tid2eid, token_ids=token_ids)
+    if tid2eid is not None:
+        assert token_ids is not None
+        C.check_index_range(op, "tid2eid", tid2eid, n_experts, allow_sentinel=False)
+        C.check_index_range(op, "token_ids", token_ids, tid2eid.shape[0], allow_sentinel=False)
+
+
+def _check_moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2,
+                       out_dtype) -> None:
+    op = "moe_experts"
+    C.check_tensor(op, "x", x, ndim=2, dtypes=C.FLOAT_DTYPES)
+    t, d = x.shape
+    C.check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=C.INDEX_DTYPES)
+    C.check_dim(op, "topk_ids", topk_ids, 0, t, "T = x.shape[0]")
+    k = topk_ids.shape[1]
+    C.check_tensor(op, "topk_weights", topk_weights, dtypes=C.FLOAT_DTYPES, shape=[t, k])
+    e, i, _ = _check_weight(op, "w1", w1, "w1_scale", w1_s, ("E", "I", "D"), (None, None, d))
+    _check_weight(op, "w3", w3, "w3_scale", w3_s, ("E", "I", "D"), (e, i, d))
+    _check_weight(op, "w2", w2, "w2_scale", w2_s, ("E", "D", "I"), (e, d, i))
+    _check_ffn_options(op, swiglu_limit, out_dtype, x.dtype)
+    C.check_bool(op, "weight_after_w2", weight_after_w2)
+    C.check_same_device(
+        op, x=x, topk_weights=topk_weights, topk_ids=topk_ids, w1=w1, w1_scale=w1_s,
+        w3=w3, w3_scale=w3_s, w2=w2, w2_scale=w2_s,
+    )
+    C.check_index_range(op, "topk_ids", topk_ids, e, allow_sentinel=True)
+
+
+_moe_gate = declare_op(
+    "moe",
+    "moe_gate",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? tid2eid, Tensor? token_ids, int topk, float route_scale, "
+    "bool hf_eps) -> (Tensor, Tensor)",
+    _fake_gate,
+    check=_check_moe_gate,
+)
+_moe_experts = declare_op(
+    "moe",
+    "moe_experts",
+    "(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w1, Tensor? w1_s, Tensor w3, Tensor? w3_s, Tensor w2, "
+    "Tensor? w2_s, float swiglu_limit, bool weight_after_w2, ScalarType out_dtype) -> Tensor",
+    _fake_experts,
+    check=_check_moe_experts,
+)
+
+
 # ----------------------------------------------------------------------------- router
 def moe_gate(
     x: torch.Tensor,
@@ -164,35 +225,8 @@ def moe_gate(
     >>> weights.shape, ids.dtype, bool(torch.allclose(weights.sum(-1), torch.tensor(1.5)))
     (torch.Size([3, 4]), torch.int32, True)
     """
-    op = "moe_gate"
-    C.check_tensor(op, "x", x, ndim=2, dtypes=C.FLOAT_DTYPES)
-    t, d = x.shape
-    C.check_tensor(op, "weight", weight, ndim=2, dtypes=C.FLOAT_DTYPES)
-    C.check_dim(op, "weight", weight, 1, d, "D = x.shape[1]")
-    n_experts = weight.shape[0]
-    C.check_int(op, "topk", topk, minimum=1)
-    if topk > n_experts:
-        raise ValueError(f"{op}: topk must be <= the number of experts E={n_experts}, got {topk}")
-    rs = C.check_real(op, "route_scale", route_scale)
-    C.check_value(op, "route_scale", route_scale, math.isfinite(rs) and rs > 0, "a finite float > 0")
-    C.check_bool(op, "hf_eps", hf_eps)
-    if bias is not None:
-        C.check_tensor(op, "bias", bias, dtypes=C.FLOAT_DTYPES, shape=[n_experts])
-    if (tid2eid is None) != (token_ids is None):
-        given, missing = ("tid2eid", "token_ids") if token_ids is None else ("token_ids", "tid2eid")
-        raise ValueError(f"{op}: hash routing needs both tid2eid and token_ids; {given} was given but {missing} is None")
-    if tid2eid is not None:
-        if bias is not None:
-            raise ValueError(f"{op}: bias must be None with hash routing (tid2eid given); hash layers have no bias")
-        C.check_tensor(op, "tid2eid", tid2eid, ndim=2, dtypes=C.INDEX_DTYPES)
-        if tid2eid.shape[1] != topk:
-            raise ValueError(f"{op}: tid2eid must have shape [V, topk={topk}], got {list(tid2eid.shape)}")
-        C.check_tensor(op, "token_ids", token_ids, dtypes=C.INDEX_DTYPES, shape=[t])
-    C.check_same_device(op, x=x, weight=weight, bias=bias, tid2eid=tid2eid, token_ids=token_ids)
-    if tid2eid is not None:
-        assert token_ids is not None
-        C.check_index_range(op, "tid2eid", tid2eid, n_experts, allow_sentinel=False)
-        C.check_index_range(op, "token_ids", token_ids, tid2eid.shape[0], allow_sentinel=False)
+    _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps)
+    t, rs = x.shape[0], float(route_scale)
     if t == 0:
         return _fake_gate(x, weight, bias, tid2eid, token_ids, topk, rs, hf_eps)
     return _moe_gate(
@@ -208,12 +242,6 @@ def moe_gate(
 
 
 # ----------------------------------------------------------------------------- experts
-def _check_ffn_options(op: str, swiglu_limit: object, out_dtype: object, default: torch.dtype) -> tuple[float, torch.dtype]:
-    lim = C.check_real(op, "swiglu_limit", swiglu_limit)
-    C.check_value(op, "swiglu_limit", swiglu_limit, lim >= 0, ">= 0 (0 disables the clamp)")
-    return lim, C.check_out_dtype(op, out_dtype, default)
-
-
 def moe_experts(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -280,23 +308,10 @@ def moe_experts(
     >>> out.shape, out.dtype, bool(out[3].eq(0).all())
     (torch.Size([4, 128]), torch.bfloat16, True)
     """
-    op = "moe_experts"
-    C.check_tensor(op, "x", x, ndim=2, dtypes=C.FLOAT_DTYPES)
-    t, d = x.shape
-    C.check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=C.INDEX_DTYPES)
-    C.check_dim(op, "topk_ids", topk_ids, 0, t, "T = x.shape[0]")
-    k = topk_ids.shape[1]
-    C.check_tensor(op, "topk_weights", topk_weights, dtypes=C.FLOAT_DTYPES, shape=[t, k])
-    e, i, _ = _check_weight(op, "w1", w1, "w1_scale", w1_scale, ("E", "I", "D"), (None, None, d))
-    _check_weight(op, "w3", w3, "w3_scale", w3_scale, ("E", "I", "D"), (e, i, d))
-    _check_weight(op, "w2", w2, "w2_scale", w2_scale, ("E", "D", "I"), (e, d, i))
-    lim, out_dtype = _check_ffn_options(op, swiglu_limit, out_dtype, x.dtype)
-    C.check_bool(op, "weight_after_w2", weight_after_w2)
-    C.check_same_device(
-        op, x=x, topk_weights=topk_weights, topk_ids=topk_ids, w1=w1, w1_scale=w1_scale,
-        w3=w3, w3_scale=w3_scale, w2=w2, w2_scale=w2_scale,
-    )
-    C.check_index_range(op, "topk_ids", topk_ids, e, allow_sentinel=True)
+    out_dtype = C.check_out_dtype("moe_experts", out_dtype, x.dtype if isinstance(x, torch.Tensor) else torch.float32)
+    _check_moe_experts(x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_scale, swiglu_limit,
+                       weight_after_w2, out_dtype)
+    (t, d), k, i, lim = x.shape, topk_ids.shape[1], w1.shape[1], float(swiglu_limit)
     if t == 0 or d == 0:
         return torch.empty((t, d), dtype=out_dtype, device=x.device)
     if k == 0 or i == 0:

@@ -55,23 +55,6 @@ def _fake_gemm(a, a_s, b, b_s, out_dtype):
     return torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
 
 
-_act_quant = declare_op("quant", "act_quant", "(Tensor x, int block_size, bool round_scale) -> (Tensor, Tensor)", _fake_act_quant)
-_act_quant_roundtrip = declare_op(
-    "quant", "act_quant_roundtrip", "(Tensor x, int block_size, bool round_scale) -> Tensor", _fake_roundtrip
-)
-_act_dequant = declare_op(
-    "quant", "act_dequant", "(Tensor y, Tensor scales, int block_size, ScalarType out_dtype) -> Tensor", _fake_dequant
-)
-_fp4_act_quant = declare_op("quant", "fp4_act_quant", "(Tensor x, int block_size) -> (Tensor, Tensor)", _fake_fp4_quant)
-_fp4_act_roundtrip = declare_op("quant", "fp4_act_roundtrip", "(Tensor x, int block_size) -> Tensor", _fake_roundtrip)
-_fp4_act_dequant = declare_op(
-    "quant", "fp4_act_dequant", "(Tensor packed, Tensor scales, int block_size, ScalarType out_dtype) -> Tensor", _fake_fp4_dequant
-)
-_hadamard = declare_op("quant", "hadamard_transform", "(Tensor x) -> Tensor", lambda x: torch.empty_like(x))
-_fp8_gemm = declare_op("quant", "fp8_gemm", "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) -> Tensor", _fake_gemm)
-_fp4_gemm = declare_op("quant", "fp4_gemm", "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) -> Tensor", _fake_gemm)
-
-
 # ----------------------------------------------------------------------------- checks
 def _check_block_input(op: str, x: torch.Tensor, block_size: int) -> None:
     C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
@@ -86,6 +69,115 @@ def _check_block_input(op: str, x: torch.Tensor, block_size: int) -> None:
 
 def _check_scales(op: str, scales: torch.Tensor, expected: list[int]) -> None:
     C.check_tensor(op, "scales", scales, dtypes=_SCALE_DTYPES, shape=expected)
+
+
+def _check_act_quant(x, block_size, round_scale) -> None:
+    _check_block_input("act_quant", x, block_size)
+    C.check_bool("act_quant", "round_scale", round_scale)
+
+
+def _check_act_quant_roundtrip(x, block_size, round_scale) -> None:
+    _check_block_input("act_quant_roundtrip", x, block_size)
+    C.check_bool("act_quant_roundtrip", "round_scale", round_scale)
+
+
+def _check_act_dequant(y, scales, block_size, out_dtype) -> None:
+    op = "act_dequant"
+    C.check_tensor(op, "y", y, dtypes=C.FP8_DTYPES)
+    C.check_int(op, "block_size", block_size, minimum=1)
+    if y.dim() == 0 or y.shape[-1] % block_size:
+        raise ValueError(f"{op}: y.shape[-1] must be a multiple of block_size={block_size}, got shape {list(y.shape)}")
+    _check_scales(op, scales, [*y.shape[:-1], y.shape[-1] // block_size])
+    C.check_same_device(op, y=y, scales=scales)
+    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "bf16/fp16/fp32")
+
+
+def _check_fp4_act_quant(x, block_size) -> None:
+    op = "fp4_act_quant"
+    _check_block_input(op, x, block_size)
+    if x.shape[-1] % 2:
+        raise ValueError(f"{op}: x.shape[-1] must be even to pack two codes per byte, got {x.shape[-1]}")
+
+
+def _check_fp4_act_roundtrip(x, block_size) -> None:
+    _check_block_input("fp4_act_roundtrip", x, block_size)
+
+
+def _check_fp4_act_dequant(packed, scales, block_size, out_dtype) -> None:
+    op = "fp4_act_dequant"
+    C.check_tensor(op, "packed", packed, dtypes=(torch.uint8, torch.int8, torch.float4_e2m1fn_x2))
+    C.check_int(op, "block_size", block_size, minimum=1)
+    if packed.dim() == 0 or (packed.shape[-1] * 2) % block_size:
+        raise ValueError(f"{op}: 2*packed.shape[-1] must be a multiple of block_size={block_size}, got shape {list(packed.shape)}")
+    _check_scales(op, scales, [*packed.shape[:-1], packed.shape[-1] * 2 // block_size])
+    C.check_same_device(op, packed=packed, scales=scales)
+    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "bf16/fp16/fp32")
+
+
+def _check_hadamard_transform(x) -> None:
+    op = "hadamard_transform"
+    C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
+    n = x.shape[-1] if x.dim() else 0
+    if x.dim() == 0 or n < 1 or n & (n - 1):
+        raise ValueError(f"{op}: x.shape[-1] must be a power of two, got shape {list(x.shape)}")
+
+
+def _check_gemm_a(op: str, a: torch.Tensor, a_s: torch.Tensor) -> tuple[int, int]:
+    C.check_tensor(op, "a", a, ndim=2, dtypes=C.FP8_DTYPES)
+    m, k = a.shape
+    C.check_tensor(op, "a_s", a_s, dtypes=_SCALE_DTYPES, shape=[m, (k + 127) // 128])
+    return m, k
+
+
+def _check_fp8_gemm(a, a_s, b, b_s, out_dtype) -> None:
+    op = "fp8_gemm"
+    m, k = _check_gemm_a(op, a, a_s)
+    C.check_tensor(op, "b", b, ndim=2, dtypes=C.FP8_DTYPES)
+    C.check_dim(op, "b", b, 1, k, "K of a")
+    n = b.shape[0]
+    C.check_tensor(op, "b_s", b_s, dtypes=_SCALE_DTYPES, shape=[(n + 127) // 128, (k + 127) // 128])
+    C.check_same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
+    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "bf16/fp16/fp32")
+
+
+def _check_fp4_gemm(a, a_s, b, b_s, out_dtype) -> None:
+    op = "fp4_gemm"
+    m, k = _check_gemm_a(op, a, a_s)
+    if k % 32:
+        raise ValueError(f"{op}: K = a.shape[1] must be a multiple of 32, got {k}")
+    C.check_tensor(op, "b", b, ndim=2, dtypes=(torch.uint8, torch.int8, torch.float4_e2m1fn_x2))
+    C.check_dim(op, "b", b, 1, k // 2, "K/2 packed bytes")
+    n = b.shape[0]
+    C.check_tensor(op, "b_s", b_s, dtypes=_SCALE_DTYPES, shape=[n, k // 32])
+    C.check_same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
+    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "bf16/fp16/fp32")
+
+
+_act_quant = declare_op("quant", "act_quant", "(Tensor x, int block_size, bool round_scale) -> (Tensor, Tensor)", _fake_act_quant,
+                        check=_check_act_quant)
+_act_quant_roundtrip = declare_op(
+    "quant", "act_quant_roundtrip", "(Tensor x, int block_size, bool round_scale) -> Tensor", _fake_roundtrip,
+    check=_check_act_quant_roundtrip,
+)
+_act_dequant = declare_op(
+    "quant", "act_dequant", "(Tensor y, Tensor scales, int block_size, ScalarType out_dtype) -> Tensor", _fake_dequant,
+    check=_check_act_dequant,
+)
+_fp4_act_quant = declare_op("quant", "fp4_act_quant", "(Tensor x, int block_size) -> (Tensor, Tensor)", _fake_fp4_quant,
+                            check=_check_fp4_act_quant)
+_fp4_act_roundtrip = declare_op("quant", "fp4_act_roundtrip", "(Tensor x, int block_size) -> Tensor", _fake_roundtrip,
+                                check=_check_fp4_act_roundtrip)
+_fp4_act_dequant = declare_op(
+    "quant", "fp4_act_dequant", "(Tensor packed, Tensor scales, int block_size, ScalarType out_dtype) -> Tensor", _fake_fp4_dequant,
+    check=_check_fp4_act_dequant,
+)
+_hadamard = declare_op("quant", "hadamard_transform", "(Tensor x) -> Tensor", lambda x: torch.empty_like(x),
+                       check=_check_hadamard_transform)
+_fp8_gemm = declare_op("quant", "fp8_gemm", "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) -> Tensor", _fake_gemm,
+                      check=_check_fp8_gemm)
+_fp4_gemm = declare_op("quant", "fp4_gemm", "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) -> Tensor", _fake_gemm,
+                      check=_check_fp4_gemm)
+
 
 
 # ----------------------------------------------------------------------------- FP8
@@ -122,11 +214,12 @@ def act_quant(
     (torch.float8_e4m3fn, torch.Size([4, 2]))
     """
     op = "act_quant"
-    _check_block_input(op, x, block_size)
     C.check_value(op, "scale_fmt", scale_fmt, scale_fmt in (None, "ue8m0"), "'ue8m0' or None")
     C.check_value(op, "scale_dtype", scale_dtype, scale_dtype in _SCALE_DTYPES, "torch.float32 or torch.float8_e8m0fnu")
+    C.check_bool(op, "inplace", inplace)
     if scale_dtype == torch.float8_e8m0fnu and scale_fmt is None:
         raise ValueError(f"{op}: scale_dtype=float8_e8m0fnu needs power-of-two scales (scale_fmt='ue8m0'), got scale_fmt=None")
+    _check_act_quant(x, block_size, scale_fmt is not None)
     round_scale = scale_fmt is not None
     if inplace:
         if x.numel():
@@ -148,9 +241,8 @@ def act_quant_roundtrip(x: torch.Tensor, block_size: int = 128, scale_fmt: str |
     >>> v4kernels.act_quant_roundtrip(torch.ones(1, 64), 64).unique()
     tensor([1.])
     """
-    op = "act_quant_roundtrip"
-    _check_block_input(op, x, block_size)
-    C.check_value(op, "scale_fmt", scale_fmt, scale_fmt in (None, "ue8m0"), "'ue8m0' or None")
+    C.check_value("act_quant_roundtrip", "scale_fmt", scale_fmt, scale_fmt in (None, "ue8m0"), "'ue8m0' or None")
+    _check_act_quant_roundtrip(x, block_size, scale_fmt is not None)
     if x.numel() == 0:
         return torch.empty_like(x)
     return _act_quant_roundtrip(x.contiguous(), block_size, scale_fmt is not None)
@@ -164,14 +256,7 @@ def act_dequant(y: torch.Tensor, scales: torch.Tensor, block_size: int = 128, ou
     >>> bool(torch.equal(v4kernels.act_dequant(*v4kernels.act_quant(x), out_dtype=torch.float32), x))
     True
     """
-    op = "act_dequant"
-    C.check_tensor(op, "y", y, dtypes=C.FP8_DTYPES)
-    C.check_int(op, "block_size", block_size, minimum=1)
-    if y.dim() == 0 or y.shape[-1] % block_size:
-        raise ValueError(f"{op}: y.shape[-1] must be a multiple of block_size={block_size}, got shape {list(y.shape)}")
-    _check_scales(op, scales, [*y.shape[:-1], y.shape[-1] // block_size])
-    C.check_same_device(op, y=y, scales=scales)
-    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "bf16/fp16/fp32")
+    _check_act_dequant(y, scales, block_size, out_dtype)
     if y.numel() == 0:
         return torch.empty(y.shape, dtype=out_dtype, device=y.device)
     return _act_dequant(y.contiguous(), scales.contiguous(), block_size, out_dtype)
@@ -200,10 +285,8 @@ def fp4_act_quant(x: torch.Tensor, block_size: int = 32, inplace: bool = False) 
     >>> hex(int(p[0, 0])), float(s[0, 0])
     ('0xf1', 1.0)
     """
-    op = "fp4_act_quant"
-    _check_block_input(op, x, block_size)
-    if x.shape[-1] % 2:
-        raise ValueError(f"{op}: x.shape[-1] must be even to pack two codes per byte, got {x.shape[-1]}")
+    C.check_bool("fp4_act_quant", "inplace", inplace)
+    _check_fp4_act_quant(x, block_size)
     if inplace:
         if x.numel():
             x.copy_(_fp4_act_roundtrip(x.contiguous(), block_size))
@@ -222,8 +305,7 @@ def fp4_act_roundtrip(x: torch.Tensor, block_size: int = 32) -> torch.Tensor:
     >>> v4kernels.fp4_act_roundtrip(torch.tensor([[0.25, 0.75, 6.0] + [0.0] * 29]))[0, :3]
     tensor([0., 1., 6.])
     """
-    op = "fp4_act_roundtrip"
-    _check_block_input(op, x, block_size)
+    _check_fp4_act_roundtrip(x, block_size)
     if x.numel() == 0:
         return torch.empty_like(x)
     return _fp4_act_roundtrip(x.contiguous(), block_size)
@@ -238,14 +320,7 @@ def fp4_act_dequant(packed: torch.Tensor, scales: torch.Tensor, block_size: int 
     >>> v4kernels.fp4_act_dequant(*v4kernels.fp4_act_quant(torch.full((1, 32), 3.0)), out_dtype=torch.float32).unique()
     tensor([3.])
     """
-    op = "fp4_act_dequant"
-    C.check_tensor(op, "packed", packed, dtypes=(torch.uint8, torch.int8, torch.float4_e2m1fn_x2))
-    C.check_int(op, "block_size", block_size, minimum=1)
-    if packed.dim() == 0 or (packed.shape[-1] * 2) % block_size:
-        raise ValueError(f"{op}: 2*packed.shape[-1] must be a multiple of block_size={block_size}, got shape {list(packed.shape)}")
-    _check_scales(op, scales, [*packed.shape[:-1], packed.shape[-1] * 2 // block_size])
-    C.check_same_device(op, packed=packed, scales=scales)
-    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "bf16/fp16/fp32")
+    _check_fp4_act_dequant(packed, scales, block_size, out_dtype)
     if packed.numel() == 0:
         return _fake_fp4_dequant(packed, scales, block_size, out_dtype)
     return _fp4_act_dequant(packed.contiguous().view(torch.uint8), scales.contiguous(), block_size, out_dtype)
@@ -262,24 +337,13 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     >>> v4kernels.hadamard_transform(torch.eye(4))[0]
     tensor([0.5000, 0.5000, 0.5000, 0.5000])
     """
-    op = "hadamard_transform"
-    C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
-    n = x.shape[-1] if x.dim() else 0
-    if x.dim() == 0 or n < 1 or n & (n - 1):
-        raise ValueError(f"{op}: x.shape[-1] must be a power of two, got shape {list(x.shape)}")
+    _check_hadamard_transform(x)
     if x.numel() == 0:
         return torch.empty_like(x)
     return _hadamard(x.contiguous())
 
 
 # ----------------------------------------------------------------------------- GEMMs
-def _check_gemm_a(op: str, a: torch.Tensor, a_s: torch.Tensor) -> tuple[int, int]:
-    C.check_tensor(op, "a", a, ndim=2, dtypes=C.FP8_DTYPES)
-    m, k = a.shape
-    C.check_tensor(op, "a_s", a_s, dtypes=_SCALE_DTYPES, shape=[m, (k + 127) // 128])
-    return m, k
-
-
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Block-scaled FP8 GEMM ``C = A · Bᵀ`` (SPEC §4.6).
 
@@ -299,14 +363,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     >>> v4kernels.fp8_gemm(a, a_s, b, b_s[:1, :1].clone()).shape
     torch.Size([2, 128])
     """
-    op = "fp8_gemm"
-    m, k = _check_gemm_a(op, a, a_s)
-    C.check_tensor(op, "b", b, ndim=2, dtypes=C.FP8_DTYPES)
-    C.check_dim(op, "b", b, 1, k, "K of a")
-    n = b.shape[0]
-    C.check_tensor(op, "b_s", b_s, dtypes=_SCALE_DTYPES, shape=[(n + 127) // 128, (k + 127) // 128])
-    C.check_same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
-    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "bf16/fp16/fp32")
+    _check_fp8_gemm(a, a_s, b, b_s, out_dtype)
+    (m, k), n = a.shape, b.shape[0]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=a.device)
     return _fp8_gemm(a.contiguous(), a_s.contiguous(), b.contiguous(), b_s.contiguous(), out_dtype)
@@ -331,16 +389,8 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     >>> v4kernels.fp4_gemm(a, a_s, b, b_s).shape
     torch.Size([2, 64])
     """
-    op = "fp4_gemm"
-    m, k = _check_gemm_a(op, a, a_s)
-    if k % 32:
-        raise ValueError(f"{op}: K = a.shape[1] must be a multiple of 32, got {k}")
-    C.check_tensor(op, "b", b, ndim=2, dtypes=(torch.uint8, torch.int8, torch.float4_e2m1fn_x2))
-    C.check_dim(op, "b", b, 1, k // 2, "K/2 packed bytes")
-    n = b.shape[0]
-    C.check_tensor(op, "b_s", b_s, dtypes=_SCALE_DTYPES, shape=[n, k // 32])
-    C.check_same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
-    C.check_value(op, "out_dtype", out_dtype, out_dtype in C.FLOAT_DTYPES, "bf16/fp16/fp32")
+    _check_fp4_gemm(a, a_s, b, b_s, out_dtype)
+    (m, k), n = a.shape, b.shape[0]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=a.device)
     return _fp4_gemm(a.contiguous(), a_s.contiguous(), b.contiguous().view(torch.uint8), b_s.contiguous(), out_dtype)

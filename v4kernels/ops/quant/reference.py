@@ -22,6 +22,14 @@ FP4_AMAX_MIN = 6.0 * 2.0**-126
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+def scale_f32(s: torch.Tensor) -> torch.Tensor:
+    """Block scales as fp32; an infinite scale (not representable in UE8M0) is treated as NaN, so
+    every output it scales is NaN whatever the data (docs/numerics.md)."""
+    s = s.float()
+    return torch.where(torch.isinf(s), float("nan"), s)
+
+
+
 @functools.cache
 def _fp4_table(device: torch.device) -> torch.Tensor:
     return torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
@@ -109,7 +117,7 @@ def act_quant_roundtrip(x: torch.Tensor, block_size: int, round_scale: bool) -> 
 @register_kernel("reference", "act_dequant")
 def act_dequant(y: torch.Tensor, scales: torch.Tensor, block_size: int, out_dtype: torch.dtype) -> torch.Tensor:
     yb = _blocks(y, block_size)
-    return (yb * scales.float().unsqueeze(-1)).reshape(y.shape).to(out_dtype)
+    return (yb * scale_f32(scales).unsqueeze(-1)).reshape(y.shape).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +149,7 @@ def fp4_act_roundtrip(x: torch.Tensor, block_size: int) -> torch.Tensor:
 def fp4_act_dequant(packed: torch.Tensor, scales: torch.Tensor, block_size: int, out_dtype: torch.dtype) -> torch.Tensor:
     v = fp4_decode(fp4_unpack(packed))
     vb = v.reshape(*v.shape[:-1], v.shape[-1] // block_size, block_size)
-    return (vb * scales.float().unsqueeze(-1)).reshape(v.shape).to(out_dtype)
+    return (vb * scale_f32(scales).unsqueeze(-1)).reshape(v.shape).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +185,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     m, k = a.shape
     n = b.shape[0]
     af, bf = a.float(), b.float()
-    asf, bsf = a_s.float(), b_s.float()
+    asf, bsf = scale_f32(a_s), scale_f32(b_s)
     bs_rows = bsf.repeat_interleave(128, dim=0)[:n]  # [N, ceil(K/128)]
     acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
     for t in range((k + 127) // 128):
@@ -194,7 +202,7 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     n = b.shape[0]
     af = a.float()
     bf = fp4_decode(fp4_unpack(b))  # [N, K]
-    asf, bsf = a_s.float(), b_s.float()
+    asf, bsf = scale_f32(a_s), scale_f32(b_s)
     acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
     for t in range(k // 32):
         sl = slice(t * 32, (t + 1) * 32)

@@ -41,8 +41,16 @@ def rope_frequencies(
     C.check_int(op, "rope_dim", rope_dim, minimum=2)
     if rope_dim % 2:
         raise ValueError(f"{op}: rope_dim must be even, got {rope_dim}")
-    C.check_value(op, "base", base, base > 1.0, "> 1")
-    C.check_value(op, "factor", factor, factor >= 1.0, ">= 1")
+    base = C.check_real(op, "base", base)
+    C.check_value(op, "base", base, 1.0 < base < math.inf, "a finite float > 1")
+    factor = C.check_real(op, "factor", factor)
+    C.check_value(op, "factor", factor, 1.0 <= factor < math.inf, "a finite float >= 1")
+    C.check_int(op, "original_seq_len", original_seq_len, minimum=0)
+    beta_fast = C.check_real(op, "beta_fast", beta_fast)
+    beta_slow = C.check_real(op, "beta_slow", beta_slow)
+    if original_seq_len > 0:
+        C.check_value(op, "beta_fast", beta_fast, 0 < beta_fast < math.inf, "a finite float > 0")
+        C.check_value(op, "beta_slow", beta_slow, 0 < beta_slow < math.inf, "a finite float > 0")
     freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
     if original_seq_len > 0:
 
@@ -61,6 +69,7 @@ def rope_frequencies(
 def v4_rope_frequencies(compressed: bool, rope_dim: int = 64, device: torch.device | str | None = None) -> torch.Tensor:
     """The released V4 tables: θ=10000 plain for m=0 layers; θ=160000 + YaRN(16, 65536, 32, 1)
     for every compressed (CSA/HCA) layer, main and indexer (SPEC §1.1, §3.2, §15 #1)."""
+    C.check_bool("v4_rope_frequencies", "compressed", compressed)
     if compressed:
         return rope_frequencies(rope_dim, 160000.0, 16.0, 65536, 32.0, 1.0, device)
     return rope_frequencies(rope_dim, 10000.0, device=device)
@@ -74,8 +83,40 @@ def _fake_rms(x, weight, eps, hf_rounding):
     return torch.empty_like(x)
 
 
-_apply_rope = declare_op("rope_norm", "apply_rope", "(Tensor x, Tensor positions, Tensor freqs, bool inverse) -> Tensor", _fake_rope)
-_rms_norm = declare_op("rope_norm", "rms_norm", "(Tensor x, Tensor? weight, float eps, bool hf_rounding) -> Tensor", _fake_rms)
+def _check_apply_rope(x, positions, freqs, inverse) -> None:
+    op = "apply_rope"
+    C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
+    if x.dim() < 3:
+        raise ValueError(f"{op}: x must be [B, S, ..., L] (>= 3 dims), got shape {list(x.shape)}")
+    C.check_tensor(op, "freqs", freqs, ndim=1, dtypes=(torch.float32,))
+    r = 2 * freqs.shape[0]
+    if r == 0 or r > x.shape[-1]:
+        raise ValueError(f"{op}: 2*len(freqs)={r} rope dims must be in [2, x.shape[-1]={x.shape[-1]}]")
+    C.check_tensor(op, "positions", positions, ndim=(1, 2), dtypes=C.INDEX_DTYPES)
+    C.check_tensor(op, "positions", positions, shape=[x.shape[0], x.shape[1]])
+    C.check_bool(op, "inverse", inverse)
+    C.check_same_device(op, x=x, positions=positions, freqs=freqs)
+    if C.value_checks_enabled(positions) and positions.numel() and int(positions.min()) < 0:
+        raise ValueError(f"{op}: positions must be >= 0, got min {int(positions.min())}")
+
+
+def _check_rms_norm(x, weight, eps, hf_rounding) -> None:
+    op = "rms_norm"
+    C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least 1 dim, got a scalar")
+    if weight is not None:
+        C.check_tensor(op, "weight", weight, dtypes=C.FLOAT_DTYPES, shape=[x.shape[-1]])
+        C.check_same_device(op, x=x, weight=weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+    C.check_bool(op, "hf_rounding", hf_rounding)
+
+
+_apply_rope = declare_op("rope_norm", "apply_rope", "(Tensor x, Tensor positions, Tensor freqs, bool inverse) -> Tensor",
+                         _fake_rope, check=_check_apply_rope)
+_rms_norm = declare_op("rope_norm", "rms_norm", "(Tensor x, Tensor? weight, float eps, bool hf_rounding) -> Tensor",
+                       _fake_rms, check=_check_rms_norm)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -103,26 +144,13 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, in
     >>> bool(torch.equal(y[..., :448], x[..., :448]))
     True
     """
-    op = "apply_rope"
-    C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
-    if x.dim() < 3:
-        raise ValueError(f"{op}: x must be [B, S, ..., L] (>= 3 dims), got shape {list(x.shape)}")
-    C.check_tensor(op, "freqs", freqs, ndim=1, dtypes=(torch.float32,))
-    r = 2 * freqs.shape[0]
-    if r == 0 or r > x.shape[-1]:
-        raise ValueError(f"{op}: 2*len(freqs)={r} rope dims must be in [2, x.shape[-1]={x.shape[-1]}]")
-    C.check_tensor(op, "positions", positions, ndim=(1, 2), dtypes=C.INDEX_DTYPES)
-    if positions.dim() == 1:
-        C.check_tensor(op, "positions", positions, shape=[x.shape[1]])
+    if isinstance(positions, torch.Tensor) and positions.dim() == 1 and isinstance(x, torch.Tensor) and x.dim() >= 3:
+        C.check_tensor("apply_rope", "positions", positions, shape=[x.shape[1]])
         positions = positions.unsqueeze(0).expand(x.shape[0], -1)
-    else:
-        C.check_tensor(op, "positions", positions, shape=[x.shape[0], x.shape[1]])
-    C.check_same_device(op, x=x, positions=positions, freqs=freqs)
-    if C.value_checks_enabled(positions) and positions.numel() and int(positions.min()) < 0:
-        raise ValueError(f"{op}: positions must be >= 0, got min {int(positions.min())}")
+    _check_apply_rope(x, positions, freqs, inverse)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _apply_rope(x.contiguous(), positions.contiguous(), freqs.contiguous(), bool(inverse))
+    return _apply_rope(x.contiguous(), positions.contiguous(), freqs.contiguous(), inverse)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, hf_rounding: bool = False) -> torch.Tensor:
@@ -146,15 +174,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     >>> v4kernels.rms_norm(torch.full((1, 4), 3.0))
     tensor([[1.0000, 1.0000, 1.0000, 1.0000]])
     """
-    op = "rms_norm"
-    C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
-    if x.dim() == 0:
-        raise ValueError(f"{op}: x must have at least 1 dim, got a scalar")
-    if weight is not None:
-        C.check_tensor(op, "weight", weight, dtypes=C.FLOAT_DTYPES, shape=[x.shape[-1]])
-        C.check_same_device(op, x=x, weight=weight)
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"{op}: eps must be a float >= 0, got {eps!r}")
+    _check_rms_norm(x, weight, eps, hf_rounding)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _rms_norm(x.contiguous(), None if weight is None else weight.contiguous(), float(eps), bool(hf_rounding))
+    return _rms_norm(x.contiguous(), None if weight is None else weight.contiguous(), float(eps), hf_rounding)

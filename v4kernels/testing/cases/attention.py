@@ -316,3 +316,16 @@ _gl_case("flash_wo_a_prefill_s16", _gl_make(1, 16, FLASH["o_groups"], _FLASH_GIN
 _gl_case("g8_512x128_s3", _gl_make(1, 3, 8, 512, 128), {"odd"}, naive=True)
 _gl_case("g3_96x40_fp32", _gl_make(2, 3, 3, 96, 40, torch.float32), {"odd"}, naive=True, dtype=torch.float32)
 _gl_case("g2_70x33_bf16x_fp32w", _gl_make(2, 2, 2, 70, 33, torch.bfloat16, torch.float32), {"odd"}, naive=True)
+
+
+# --------------------------------------------------------------------------------------------
+# NaN / ±inf inputs (docs/numerics.md): one poisoned element per float argument. Element 0 of kv
+# is row 0 of batch 0, which every index list of these cases attends.
+# --------------------------------------------------------------------------------------------
+from ._nonfinite import register_nonfinite  # noqa: E402
+
+register_nonfinite("sparse_attn/flash_csa_decode_b2_h64_k640", ["q", "kv", "attn_sink"])  # decode: split-K path
+register_nonfinite("sparse_attn/prefill_m12_h4_small", ["q", "kv", "attn_sink"])
+register_nonfinite("sparse_attn/prefill_m12_h4_small_fp8kv", ["q", "attn_sink"])
+register_nonfinite("pack_kv_fp8/small_fp32", ["kv"])
+register_nonfinite("grouped_linear/g3_96x40_fp32", ["x", "weight"])

@@ -176,3 +176,13 @@ _register_topk("flash_decode_b2_n262144_fp4", [[1_048_575], [600_001]], 262144, 
 _register_scores("prefill_s64_n16_bf16", [list(range(64))], 16, "bf16", {"v4-flash"}, "prefill")
 _register_scores("decode_b2_n1024_fp8", [[4095], [1002]], 1024, "fp8", {"v4-flash"}, "decode")
 _register_scores("decode_b2_n512_fp4", [[2047], [10]], 512, "fp4", {"v4-flash", "edge"}, "decode")
+
+
+# --------------------------------------------------------------------------------------------
+# NaN / ±inf inputs (docs/numerics.md)
+# --------------------------------------------------------------------------------------------
+from ._nonfinite import register_nonfinite  # noqa: E402
+
+register_nonfinite("indexer_topk/flash_decode_b2_n1024_bf16", ["q", "weights", "keys"])
+register_nonfinite("indexer_topk/chunk_h16_s32_topk100_fp8", ["keys", "key_scales"])
+register_nonfinite("indexer_scores/prefill_s64_n16_bf16", ["q", "weights", "keys"])

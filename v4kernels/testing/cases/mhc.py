@@ -267,3 +267,15 @@ for _name, _lead, _hc, _dim, _dt, _tags, _naive in _SHAPES:
              _tags | ({"hf"} if _mix else set()),
              naive=(lambda x, residual, post, comb, _m=_mix: naive_hc_post(x, residual, post, comb, _m)) if _naive else None,
              path="hc_post_hf" if _mix else "hc_post")
+
+
+# --------------------------------------------------------------------------------------------
+# NaN / ±inf inputs (docs/numerics.md)
+# --------------------------------------------------------------------------------------------
+from ._nonfinite import register_nonfinite  # noqa: E402
+
+register_nonfinite("hc_split_sinkhorn/random_b2s3", ["mixes", "hc_scale", "hc_base"])
+register_nonfinite("hc_pre/small_b2s3_d40", ["x", "hc_fn", "hc_scale", "hc_base"])
+register_nonfinite("hc_head/small_b2s3_d40", ["x", "hc_fn", "hc_scale", "hc_base"])
+register_nonfinite("hc_post/small_b2s3_d40", ["x", "residual", "post", "comb"])
+register_nonfinite("hc_post/small_b2s3_d40_bf16_mix", ["x", "residual", "post", "comb"])

@@ -351,3 +351,13 @@ register(ParityCase("moe_experts/shared_flash_fp8_d4096_i2048_t8", "moe_experts"
                     lambda g, d: _shared_inputs(g, d, 8, FLASH["dim"], FLASH["moe_inter"], "fp8"),
                     _run_shared, path="shared-fp8", tags=frozenset({"shared", "v4-flash"}), large=True,
                     naive=naive_shared_expert, naive_tol=EXPERT_NAIVE_TOL))
+
+
+# --------------------------------------------------------------------------------------------
+# NaN / ±inf inputs (docs/numerics.md)
+# --------------------------------------------------------------------------------------------
+from ._nonfinite import register_nonfinite  # noqa: E402
+
+register_nonfinite("moe_gate/flash_t8", ["x", "weight", "bias"])
+register_nonfinite("moe_experts/bf16_e8_k6_t16", ["x", "topk_weights", "w1", "w3", "w2"])
+register_nonfinite("moe_experts/fp8_e8_k6_t12", ["w1", "w1_scale", "w2_scale"])

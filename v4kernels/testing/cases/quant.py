@@ -301,3 +301,19 @@ for shape in [(4, 128), (2, 3, 64)]:
                         lambda y, scales: v4k.fp4_act_dequant(y, scales, 32, torch.float32), path="dequant",
                         naive=lambda y, scales: (naive_fp4_decode(y.cpu()).unflatten(-1, (-1, 32))
                                                  * scales.cpu().unsqueeze(-1)).flatten(-2)))
+
+
+# --------------------------------------------------------------------------------------------
+# NaN / ±inf inputs (docs/numerics.md)
+# --------------------------------------------------------------------------------------------
+from ._nonfinite import register_nonfinite  # noqa: E402
+
+register_nonfinite("act_quant/1x128_b128", ["x"])
+register_nonfinite("act_quant_roundtrip/1x128_b128", ["x"])
+register_nonfinite("fp4_act_quant/1x32", ["x"])
+register_nonfinite("fp4_act_roundtrip/1x32", ["x"])
+register_nonfinite("hadamard_transform/small_fp32_3x128", ["x"])
+register_nonfinite("fp8_gemm/m1_n200_k256", ["a", "a_s", "b", "b_s"])
+register_nonfinite("fp4_gemm/m1_n200_k256", ["a", "a_s", "b_s"])
+register_nonfinite("act_dequant/3x448_b64", ["y", "scales"])
+register_nonfinite("fp4_act_dequant/4x128", ["scales"])

@@ -75,3 +75,12 @@ for name, shape, weighted in [("q_lora_flash", (3, 1024), True), ("per_head_q", 
         return {"x": randn(g, _s, d, scale=3.0), "weight": randn(g, (_s[-1],), d) if _w else None}
     register(ParityCase(f"rms_norm/{name}", "rms_norm", make, lambda x, weight: v4k.rms_norm(x, weight), path="norm",
                         naive=naive_rms_norm, naive_tol=bf16_ulp_tol(1.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# NaN / ±inf inputs (docs/numerics.md)
+# --------------------------------------------------------------------------------------------
+from ._nonfinite import register_nonfinite  # noqa: E402
+
+register_nonfinite("apply_rope/kv_far_positions", ["x", "freqs"])
+register_nonfinite("rms_norm/odd_77", ["x", "weight"])
