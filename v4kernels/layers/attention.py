@@ -46,6 +46,9 @@ class _Init:
         return init
 
     def linear(self, din: int, dout: int, fmt: str) -> Linear:
+        # random FP8 weights need whole 128-wide activation blocks; smaller models get bf16 ones
+        if self.random and fmt == "fp8" and din % 128:
+            fmt = "bf16"
         return Linear(din, dout, fmt, self.g, init=self.random, device=self.device)
 
 
@@ -159,6 +162,31 @@ class AttentionCache:
         slots = (first.unsqueeze(1) + torch.arange(n, device=first.device)) % self.window  # [B, n]
         enc = self.encode(rows)
         self.kv[:, : self.window].scatter_(1, slots.unsqueeze(-1).expand(-1, -1, enc.shape[-1]), enc)
+
+    @classmethod
+    def stack(cls, caches: Sequence["AttentionCache"]) -> "AttentionCache":
+        """One cache holding the sequences of ``caches`` (same layer, capacity, dtype and layout),
+        in order, each at its own position: e.g. prompts prefilled separately, decoded together."""
+        if not caches:
+            raise ValueError("AttentionCache.stack: needs at least one cache")
+        c0 = caches[0]
+        key = lambda c: (c.cfg, c.ratio, c.csa, c.max_len, c.kv_fp8, c.dtype, c.device)  # noqa: E731
+        for c in caches[1:]:
+            if key(c) != key(c0):
+                raise ValueError(f"AttentionCache.stack: caches differ in (cfg, ratio, csa, max_len, kv_fp8, dtype, device): "
+                                 f"{key(c0)[1:]} vs {key(c)[1:]}")
+        out = cls.__new__(cls)
+        out.__dict__.update(c0.__dict__)
+        out.batch = sum(c.batch for c in caches)
+        out.kv = torch.cat([c.kv for c in caches])
+        out.index_keys = None if c0.index_keys is None else torch.cat([c.index_keys for c in caches])
+        for name in ("compressor", "index_compressor"):
+            if getattr(c0, name) is not None:
+                parts = [getattr(c, name).tensors() for c in caches]
+                setattr(out, name, v4k.CompressorState(*(torch.cat(t) for t in zip(*parts))))
+        out.positions = [p for c in caches for p in c.positions]
+        out.positions_dev = torch.cat([c.positions_dev for c in caches])
+        return out
 
     def nbytes(self) -> int:
         """Bytes held by this layer's cache: KV rows, indexer keys and compressor states."""

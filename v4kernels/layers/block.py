@@ -57,6 +57,14 @@ class V4MoE(nn.Module):
         else:
             self.register_buffer("bias", (torch.randn(n_experts, generator=g) * 0.1).to(device))
             self.tid2eid = None
+        if d % 128 or inter % 128:
+            # FP4/FP8 experts need whole 128-wide activation blocks: smaller models get bf16 experts
+            for name, (n, rows, cols) in {"w1": (n_experts, inter, d), "w3": (n_experts, inter, d), "w2": (n_experts, d, inter),
+                                          "s1": (1, inter, d), "s3": (1, inter, d), "s2": (1, d, inter)}.items():
+                w = _rand_weights(n, rows, cols, g).to(torch.bfloat16)
+                self.register_buffer(name, (w if name[0] == "w" else w[0]).to(device))
+                setattr(self, name + "_scale", None)
+            return
         for name, (rows, cols) in {"w1": (inter, d), "w3": (inter, d), "w2": (d, inter)}.items():
             q, s = _rand_fp4_weights(n_experts, rows, cols, g)
             self.register_buffer(name, q.to(device))
