@@ -22,6 +22,28 @@ from .layers.block import HyperHead, V4Block
 from .layers.config import V4Config, compress_ratio_of_layer
 
 
+@contextlib.contextmanager
+def time_in_ops() -> Iterator[list[float]]:
+    """Accumulates the wall time spent inside v4k op calls (backend selection + kernel) into the
+    yielded one-element list; the rest of a step's wall time is the layers' host (Python) work
+    and the few torch ops they call directly (cat, scatter, views)."""
+    acc = [0.0]
+    orig = R.dispatch
+
+    def timed(op: str, *args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig(op, *args)
+        finally:
+            acc[0] += time.perf_counter() - t
+
+    R.dispatch = timed  # declare_op's implementations look dispatch up at call time
+    try:
+        yield acc
+    finally:
+        R.dispatch = orig
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -41,15 +63,27 @@ def _maybe_backend(name: str | None) -> Iterator[None]:
 
 class DemoModel:
     def __init__(self, model: str, n_experts: int, batch: int, max_len: int, kv_fp8: bool, seed: int,
-                 config: V4Config | None = None) -> None:
+                 config: V4Config | None = None, weights: str | None = None) -> None:
         self.cfg = config or (V4Config.flash() if model == "flash" else V4Config.pro())
         layers = (2, 3)
         self.blocks = []
-        for i, layer in enumerate(layers):
-            ratio = compress_ratio_of_layer(model, layer)
-            self.blocks.append(V4Block(self.cfg, ratio, n_experts, hash_routing=layer < self.cfg.n_hash_layers, seed=seed + 100 * i))
+        if weights is not None:
+            from .layers.weights import SafetensorsSource, load_block
+
+            src = SafetensorsSource(weights)
+            self.blocks = [load_block(src, layer, self.cfg) for layer in layers]
+        else:
+            for i, layer in enumerate(layers):
+                ratio = compress_ratio_of_layer(model, layer)
+                self.blocks.append(V4Block(self.cfg, ratio, n_experts, hash_routing=layer < self.cfg.n_hash_layers,
+                                           seed=seed + 100 * i))
         self.layer_ids = layers
         self.head = HyperHead(self.cfg, seed)
+        if weights is not None and "hc_head_fn" in src:
+            for ours, theirs in (("fn", "hc_head_fn"), ("base", "hc_head_base"), ("scale", "hc_head_scale")):
+                setattr(self.head, ours, src[theirs].float())
+            if "norm.weight" in src:
+                self.head.norm = src["norm.weight"]
         self.caches: list[AttentionCache] = [b.attn.new_cache(batch, max_len, kv_fp8=kv_fp8) for b in self.blocks]
 
     def step(self, h: torch.Tensor, start_pos: int, token_ids: torch.Tensor) -> torch.Tensor:
@@ -97,11 +131,11 @@ def per_op_parity(calls: list[tuple[str, str, tuple[Any, ...], Any]]) -> dict[tu
 
 def run_demo(model: str = "flash", prefill: int = 2048, decode: int = 4, n_experts: int = 16, batch: int = 1,
              kv_fp8: bool = False, backend: str | None = None, seed: int = 0, threads: int | None = None,
-             config: V4Config | None = None) -> dict[str, Any]:
+             config: V4Config | None = None, weights: str | None = None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = DemoModel(model, n_experts, batch, prefill + decode, kv_fp8, seed, config)
+    m = DemoModel(model, n_experts, batch, prefill + decode, kv_fp8, seed, config, weights)
     cfg = m.cfg
     build_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(seed + 1)
@@ -119,16 +153,18 @@ def run_demo(model: str = "flash", prefill: int = 2048, decode: int = 4, n_exper
         m.step(streams(slice(0, prefill)), 0, token_ids[:, :prefill])
         prefill_s = time.perf_counter() - t
         prefill_usage = _usage_table(R.backend_usage(reset=True))
-        step_times = []
+        step_times, host_times = [], []
         out = None
         snap = None
         for i in range(decode):
             pos = prefill + i
             if i == decode - 1:
                 snap = m.snapshot()
-            t = time.perf_counter()
-            out = m.step(streams(slice(pos, pos + 1)), pos, token_ids[:, pos : pos + 1])
-            step_times.append(time.perf_counter() - t)
+            with time_in_ops() as in_ops:
+                t = time.perf_counter()
+                out = m.step(streams(slice(pos, pos + 1)), pos, token_ids[:, pos : pos + 1])
+                step_times.append(time.perf_counter() - t)
+            host_times.append(step_times[-1] - in_ops[0])
         decode_usage = _usage_table(R.backend_usage(reset=True))
 
     parity: dict[str, Any] = {}
@@ -159,7 +195,8 @@ def run_demo(model: str = "flash", prefill: int = 2048, decode: int = 4, n_exper
     return {
         "cfg": cfg, "model": model, "layers": m.layer_ids, "ratios": [b.attn.ratio for b in m.blocks],
         "prefill": prefill, "decode": decode, "batch": batch, "n_experts": n_experts, "kv_fp8": kv_fp8,
-        "build_s": build_s, "prefill_s": prefill_s, "decode_s": step_times,
+        "build_s": build_s, "prefill_s": prefill_s, "decode_s": step_times, "decode_host_s": host_times,
+        "weights": weights,
         "prefill_usage": prefill_usage, "decode_usage": decode_usage, "cache_bytes": cache_bytes,
         "parity": parity, "forced_backend": backend,
     }
@@ -170,6 +207,8 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"DeepSeek-V4-{r['model'].capitalize()} blocks {r['layers']} (compress ratios {r['ratios']}), D={cfg.dim}, "
           f"H={cfg.n_heads}, top-k={cfg.index_topk}, experts {r['n_experts']} of {cfg.n_routed_experts} (6 active, FP4) + shared (FP8), "
           f"batch {r['batch']}, KV cache {'FP8 packed (584 B/row)' if r['kv_fp8'] else 'bf16'}")
+    if r.get("weights"):
+        print(f"weights: {r['weights']}")
     if r["forced_backend"]:
         print(f"backend forced: {r['forced_backend']}")
     print(f"\nbackend per op (calls):")
@@ -183,6 +222,9 @@ def print_report(r: dict[str, Any]) -> None:
     if r["decode_s"]:
         med = statistics.median(r["decode_s"])
         print(f"  decode {len(r['decode_s'])} steps       median {med * 1e3:8.1f} ms/step  (min {min(r['decode_s']) * 1e3:.1f}, max {max(r['decode_s']) * 1e3:.1f})")
+        host = statistics.median(r["decode_host_s"])
+        print(f"  decode host (Python) median {host * 1e3:8.2f} ms/step  (step wall time minus the time inside v4k op calls,")
+        print("                                         i.e. the layers' own Python and the torch ops they call directly)")
     print("\nKV cache held (after the last step):")
     for layer, ratio, nb in zip(r["layers"], r["ratios"], r["cache_bytes"]):
         kind = {4: "CSA", 128: "HCA", 0: "SWA"}[ratio]
@@ -204,7 +246,8 @@ def print_report(r: dict[str, Any]) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    r = run_demo(args.model, args.prefill, args.decode, args.experts, args.batch, args.kv_fp8, args.backend, args.seed, args.threads)
+    r = run_demo(args.model, args.prefill, args.decode, args.experts, args.batch, args.kv_fp8, args.backend, args.seed, args.threads,
+                 weights=args.weights)
     print_report(r)
     return 0 if (not r["parity"] or r["parity"]["ok"]) else 1
 
@@ -220,4 +263,7 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--backend", default=None, help="force one backend for every op (default: automatic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--weights", default=None, metavar="DIR",
+                   help="checkpoint directory (*.safetensors, release or Hugging Face naming): blocks 2 and 3 load "
+                        "from it; default: random weights")
     p.set_defaults(fn=_cmd_demo)

@@ -20,7 +20,7 @@ Tensor sparse_attn(const Tensor& q, const Tensor& kv, const Tensor& attn_sink, c
   TORCH_CHECK(q.dim() == 4, "v4k_cpu::sparse_attn: q must be [B,M,H,D], got ", q.sizes());
   const int64_t B = q.size(0), M = q.size(1), H = q.size(2), D = q.size(3);
   const int qd = float_code(q, op, "q");
-  TORCH_CHECK(D % v4k_cpu::kAttnHeadDimMultiple == 0, "v4k_cpu::sparse_attn: head dim must be a multiple of ", v4k_cpu::kAttnHeadDimMultiple, ", got ", D);
+  TORCH_CHECK(D >= 1, "v4k_cpu::sparse_attn: head dim must be >= 1, got ", D);
   TORCH_CHECK(kv.dim() == 3 && kv.size(0) == B, "v4k_cpu::sparse_attn: kv must be [B,N,D], got ", kv.sizes());
   int kind;
   if (kv.scalar_type() == at::kByte) {

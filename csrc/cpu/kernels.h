@@ -20,7 +20,6 @@ using v4k::W_FP8;
 // Capability limits of these kernels: the one place they are written. The bindings enforce them
 // and torch.ops.v4k_cpu.limits() exposes them to Python (the adapters' refusals and the tests
 // read them from there).
-constexpr int64_t kAttnHeadDimMultiple = 64;  // sparse_attn: head dim a multiple of this
 constexpr int64_t kHcPostMaxStreams = 64;     // hc_post: residual streams
 constexpr int64_t kMoeMaxTopk = 64;           // moe_experts: experts per token
 
@@ -99,6 +98,7 @@ struct CompressArgs {
   const void* x;
   int x_dtype;
   int64_t B, S, D, hd, ratio, nfreq;
+  bool overlap;           // CSA overlapping windows (coff = 2)
   WeightView wkv, wgate;  // [coff·hd, D]
   const float* ape;       // [ratio, coff·hd]
   const float* norm_w;    // [hd]
@@ -125,7 +125,6 @@ struct Limit {
   int64_t value;
 };
 constexpr Limit kLimits[] = {
-    {"sparse_attn.head_dim_multiple", kAttnHeadDimMultiple},
     {"hc_post.max_streams", kHcPostMaxStreams},
     {"moe_experts.max_topk", kMoeMaxTopk},
     {"grouped_linear.direct_max_tokens", kGroupedDirectMaxT},
