@@ -164,7 +164,7 @@ class CompressorState:
 
 
 def _fake_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score,
-                      n_tokens, ratio, quant, eps):
+                      n_tokens, ratio, quant, eps, hf_rounding):
     b, s = x.shape[0], x.shape[1]
     return (
         x.new_empty((b, (s + ratio - 1) // ratio, norm_weight.shape[0])),
@@ -181,7 +181,8 @@ _compress_kv = declare_op(
     "compressor",
     "compress_kv",
     "(Tensor x, Tensor wkv, Tensor wgate, Tensor ape, Tensor norm_weight, Tensor freqs, Tensor pending_kv, "
-    "Tensor pending_score, Tensor prev_kv, Tensor prev_score, Tensor n_tokens, int ratio, str quant, float eps) "
+    "Tensor pending_score, Tensor prev_kv, Tensor prev_score, Tensor n_tokens, int ratio, str quant, float eps, "
+    "bool hf_rounding) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _fake_compress_kv,
 )
@@ -199,6 +200,7 @@ def compress_kv(
     ratio: int,
     quant: str = "fp8",
     eps: float = 1e-6,
+    hf_rounding: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed ``S`` more tokens per sequence to the KV compressor; emit the entries of every window
     they close (SPEC §6).
@@ -232,6 +234,13 @@ def compress_kv(
     ratio : compression ratio (4 = CSA with overlapping windows, 128 = HCA; any ratio >= 1)
     quant : "fp8" (needs ``(hd − r) % 64 == 0``), "fp4" (needs ``hd`` a power of two >= 32) or "none"
     eps : RMSNorm epsilon (1e-6 in V4)
+    hf_rounding : [HF] pooling of transformers 5.23.0 (``DeepseekV4CSACompressor`` /
+        ``DeepseekV4HCACompressor`` / the indexer's compressor; use with ``quant="none"``): the
+        kv and gate projections are rounded to ``x.dtype`` (HF's ``nn.Linear`` outputs), the
+        fp32 softmax weights are rounded to ``x.dtype``, each ``kv·weight`` product is rounded to
+        ``x.dtype`` and the sum over the window's slots is rounded once to ``x.dtype``; RoPE uses
+        cos/sin tables rounded to ``x.dtype``. Same as the default for fp32 ``x`` (up to the
+        softmax's fp32 rounding).
 
     Returns
     -------
@@ -271,6 +280,7 @@ def compress_kv(
     C.check_value(op, "quant", quant, quant in _QUANTS, "one of " + ", ".join(map(repr, _QUANTS)))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a float >= 0, got {eps!r}")
+    C.check_bool(op, "hf_rounding", hf_rounding)
     C.check_tensor(op, "x", x, ndim=3, dtypes=C.FLOAT_DTYPES)
     bsz, s, d = x.shape
     C.check_tensor(op, "norm_weight", norm_weight, ndim=1, dtypes=C.FLOAT_DTYPES)
@@ -304,7 +314,7 @@ def compress_kv(
         return (x.new_zeros((bsz, (s + ratio - 1) // ratio, hd)), torch.zeros(bsz, dtype=torch.int32, device=x.device))
     out = _compress_kv(
         x.contiguous(), wkv.contiguous(), wgate.contiguous(), ape.contiguous(), norm_weight.contiguous(),
-        freqs.contiguous(), *(t.contiguous() for t in state.tensors()), ratio, quant, float(eps),
+        freqs.contiguous(), *(t.contiguous() for t in state.tensors()), ratio, quant, float(eps), hf_rounding,
     )
     entries, num_new = out[0], out[1]
     # Success: publish the new state in place (keeps tensor identity for static-buffer users).
