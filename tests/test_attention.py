@@ -325,7 +325,9 @@ _META = torch.device("meta")
 
 ATTN_BAD = [
     ("q", dict(q=_Q[0]), ValueError, "must have 4 dims"),
-    ("q", dict(q=_Q[..., :256]), ValueError, "q.shape[3] must be 512"),
+    ("kv", dict(q=_Q[..., :256]), ValueError, "kv must have shape [2, *, 256]"),  # any head dim, kv must match
+    ("q", dict(q=_Q[..., :0]), ValueError, "head dim) must be >= 1"),
+    ("kv", dict(q=_Q[..., :256], kv=torch.zeros(2, 10, 584, dtype=torch.uint8)), ValueError, "packed FP8 kv rows"),
     ("q", dict(q=_Q.to(torch.int32)), TypeError, "q must have dtype"),
     ("q", dict(q="x"), TypeError, "q must be a torch.Tensor"),
     ("kv", dict(kv=_KV[0]), ValueError, "kv must have 3 dims"),

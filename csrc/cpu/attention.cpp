@@ -7,7 +7,8 @@
 //   S[h, j] = <q_h, kv_j> * scale   (register-blocked over heads x 64 keys, KV tile transposed)
 //   O[h, :] = O[h, :] * alpha_h + sum_j P[h, j] kv_j   (register-blocked over heads x 64 dims)
 // Extra memory per thread is one tile (64 rows) plus the q/o tiles of the head group; it does
-// not depend on the number of indices.
+// not depend on the number of indices. Any head dim: the V4 dims (512) run whole register blocks
+// only; other dims finish the columns past the last whole block with a scalar loop.
 #include "common.h"
 #include "kernels.h"
 
@@ -70,9 +71,23 @@ template <int R>
 void qk_rows(const float* Q, int64_t D, const float* Kt, float* S) {
   for (int j0 = 0; j0 < KT; j0 += CB) qk_block<R>(Q, D, Kt + j0, S + j0);
 }
+// Columns d0..D-1 past the last whole register block (head dims that are not a multiple of CB).
+template <int R>
+inline void pv_tail(const float* __restrict P, const float* __restrict Kr, int kt, int64_t D, int64_t d0,
+                    const float* __restrict alpha, float* __restrict O) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = d0; d < D; ++d) {
+      float acc = O[r * D + d] * alpha[r];
+      for (int j = 0; j < kt; ++j) acc += P[r * KT + j] * Kr[j * D + d];
+      O[r * D + d] = acc;
+    }
+}
+
 template <int R>
 void pv_rows(const float* P, const float* Kr, int kt, int64_t D, const float* alpha, float* O) {
-  for (int64_t d0 = 0; d0 < D; d0 += CB) pv_block<R>(P, Kr + d0, kt, D, alpha, O + d0);
+  const int64_t dv = D / CB * CB;
+  for (int64_t d0 = 0; d0 < dv; d0 += CB) pv_block<R>(P, Kr + d0, kt, D, alpha, O + d0);
+  if (dv < D) pv_tail<R>(P, Kr, kt, D, dv, alpha, O);
 }
 
 using QkFn = void (*)(const float*, int64_t, const float*, float*);

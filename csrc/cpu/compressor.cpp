@@ -65,7 +65,7 @@ void finish_entry(float* c, const CompressArgs& a, int64_t position) {
 
 void compress_kv(const CompressArgs& a) {
   const int64_t B = a.B, S = a.S, D = a.D, hd = a.hd, m = a.ratio;
-  const bool overlap = m == 4;
+  const bool overlap = a.overlap;
   const int64_t W = (overlap ? 2 : 1) * hd, W2 = 2 * W;
   const int64_t R = (S + m - 1) / m;
   const int xes = elem_size(a.x_dtype);

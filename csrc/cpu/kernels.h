@@ -88,6 +88,7 @@ struct CompressArgs {
   const void* x;
   int x_dtype;
   int64_t B, S, D, hd, ratio, nfreq;
+  bool overlap;           // CSA overlapping windows (coff = 2)
   WeightView wkv, wgate;  // [coff·hd, D]
   const float* ape;       // [ratio, coff·hd]
   const float* norm_w;    // [hd]

@@ -44,7 +44,7 @@ Tensor sparse_attn(const Tensor& q, const Tensor& kv, const Tensor& attn_sink, c
   TORCH_CHECK(q.dim() == 4, "v4k_cpu::sparse_attn: q must be [B,M,H,D], got ", q.sizes());
   const int64_t B = q.size(0), M = q.size(1), H = q.size(2), D = q.size(3);
   const int qd = float_code(q, op, "q");
-  TORCH_CHECK(D % 64 == 0, "v4k_cpu::sparse_attn: head dim must be a multiple of 64, got ", D);
+  TORCH_CHECK(D >= 1, "v4k_cpu::sparse_attn: head dim must be >= 1, got ", D);
   TORCH_CHECK(kv.dim() == 3 && kv.size(0) == B, "v4k_cpu::sparse_attn: kv must be [B,N,D], got ", kv.sizes());
   int kind;
   if (kv.scalar_type() == at::kByte) {
@@ -367,7 +367,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
   TORCH_CHECK(x.dim() == 3, "v4k_cpu::compress_kv: x must be [B, S, D], got ", x.sizes());
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2), hd = norm_weight.numel();
   TORCH_CHECK(ratio >= 1, "v4k_cpu::compress_kv: ratio must be >= 1, got ", ratio);
-  const int64_t coff = ratio == 4 ? 2 : 1, W = coff * hd, nf = freqs.numel();
+  // overlapping (CSA) windows are recognised by the doubled projection width, wkv [2·hd, D]
+  const bool overlap = hd > 0 && wkv.dim() == 2 && wkv.size(0) == 2 * hd;
+  const int64_t coff = overlap ? 2 : 1, W = coff * hd, nf = freqs.numel();
   TORCH_CHECK(wkv.dim() == 2 && wkv.size(0) == W && wkv.size(1) == D && wgate.sizes() == wkv.sizes(),
               "v4k_cpu::compress_kv: wkv and wgate must be [", W, ", ", D, "], got ", wkv.sizes(), " ", wgate.sizes());
   TORCH_CHECK(ape.numel() == ratio * W, "v4k_cpu::compress_kv: ape must be [", ratio, ", ", W, "]");
@@ -401,6 +403,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
   a.x = xc.data_ptr();
   a.x_dtype = xd;
   a.B = B, a.S = S, a.D = D, a.hd = hd, a.ratio = ratio, a.nfreq = nf;
+  a.overlap = overlap;
   a.wkv = {wk.data_ptr(), nullptr, float_code(wk, op, "wkv"), W, D};
   a.wgate = {wg.data_ptr(), nullptr, float_code(wg, op, "wgate"), W, D};
   a.ape = apef.data_ptr<float>();

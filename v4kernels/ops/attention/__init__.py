@@ -14,7 +14,7 @@ from .reference import KV_DIM, PACKED_DIM
 
 __all__ = ["sparse_attn", "pack_kv_fp8", "unpack_kv_fp8", "grouped_linear"]
 
-#: default ``softmax_scale``: 512^-0.5 (SPEC §9.1)
+#: default ``softmax_scale`` of V4: 512^-0.5 (SPEC §9.1); in general ``head_dim^-0.5``
 DEFAULT_SOFTMAX_SCALE = KV_DIM**-0.5
 
 
@@ -63,28 +63,29 @@ def sparse_attn(
     For every batch ``b``, query ``i`` and head ``h``, with ``I`` the entries of
     ``topk_idxs[b, i]`` that are not −1 (duplicates count as many times as they appear)::
 
-        s_k = softmax_scale · <q[b,i,h], kv[b, k]>          (all 512 dims, fp32)
+        s_k = softmax_scale · <q[b,i,h], kv[b, k]>          (all head dims, fp32)
         mx  = max_{k∈I} s_k
         o   = Σ_{k∈I} exp(s_k − mx) · kv[b, k] / (Σ_{k∈I} exp(s_k − mx) + exp(attn_sink[h] − mx))
 
     K and V are the same tensor; the sink is a virtual key with a zero value vector, so it only
     enlarges the denominator. Rows whose index list is all −1 (or empty) give zeros, never NaN.
     There is no mask beyond the index list. Prefill (``M > 1``) and decode (``M == 1``) share
-    this entry point.
+    this entry point. Any head dim ``hd`` is accepted (V4: 512; the packed FP8 rows only exist
+    for 512).
 
     Parameters
     ----------
-    q : [B, M, H, 512] bf16/fp16/fp32
-    kv : [B, N, 512] same dtype as ``q``, **or** [B, N, 584] uint8 rows in the
-        :func:`pack_kv_fp8` layout (dequantised on the fly)
+    q : [B, M, H, hd] bf16/fp16/fp32
+    kv : [B, N, hd] same dtype as ``q``, **or** (``hd == 512`` only) [B, N, 584] uint8 rows in
+        the :func:`pack_kv_fp8` layout (dequantised on the fly)
     attn_sink : [H] fp32 per-head sink logits (bf16/fp16 are upcast)
     topk_idxs : [B, M, K] int32 (int64 accepted and narrowed) row numbers into ``kv[b]``;
         −1 = skip. Any ``K`` >= 0 (not only multiples of 64).
-    softmax_scale : logit scale; default ``512**-0.5``
+    softmax_scale : logit scale; default ``hd**-0.5`` (V4: ``512**-0.5``)
 
     Returns
     -------
-    o : [B, M, H, 512] ``q.dtype`` (fp32 math, one rounding)
+    o : [B, M, H, hd] ``q.dtype`` (fp32 math, one rounding)
 
     Notes
     -----
@@ -105,13 +106,18 @@ def sparse_attn(
     op = "sparse_attn"
     C.check_tensor(op, "q", q, ndim=4, dtypes=C.FLOAT_DTYPES)
     b, m, h, d = q.shape
-    if d != KV_DIM:
-        raise ValueError(f"{op}: q.shape[3] must be {KV_DIM} (head dim), got {d} (shape {list(q.shape)})")
+    if d < 1:
+        raise ValueError(f"{op}: q.shape[3] (head dim) must be >= 1, got shape {list(q.shape)}")
     C.check_tensor(op, "kv", kv, ndim=3)
     if kv.dtype == torch.uint8:
+        if d != KV_DIM:
+            raise ValueError(
+                f"{op}: packed FP8 kv rows ({PACKED_DIM} B) hold V4's {KV_DIM}-dim heads only; got head dim {d} "
+                f"(q shape {list(q.shape)}); pass kv in q.dtype for other head dims"
+            )
         C.check_tensor(op, "kv", kv, shape=[b, None, PACKED_DIM])
     elif kv.dtype == q.dtype:
-        C.check_tensor(op, "kv", kv, shape=[b, None, KV_DIM])
+        C.check_tensor(op, "kv", kv, shape=[b, None, d])
     else:
         raise TypeError(
             f"{op}: kv must have dtype {_dtname(q.dtype)} (same as q) or uint8 (packed FP8 rows), "
@@ -122,7 +128,7 @@ def sparse_attn(
     C.check_tensor(op, "topk_idxs", topk_idxs, ndim=3, dtypes=C.INDEX_DTYPES)
     C.check_tensor(op, "topk_idxs", topk_idxs, shape=[b, m, None])
     if softmax_scale is None:
-        softmax_scale = DEFAULT_SOFTMAX_SCALE
+        softmax_scale = d**-0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
         raise TypeError(f"{op}: softmax_scale must be a finite float, got {type(softmax_scale).__name__} {softmax_scale!r}")
     C.check_same_device(op, q=q, kv=kv, attn_sink=attn_sink, topk_idxs=topk_idxs)

@@ -2,7 +2,9 @@
 ``grouped_linear`` (csrc/cpu/gemm.cpp, SPEC §9.4).
 
 sparse_attn: online softmax over 64-index tiles with all heads of a query sharing each gathered KV
-tile; bf16/fp16/fp32 KV or the packed 584-byte FP8 rows (SPEC §13.1), decoded to fp32 in the kernel.
+tile; bf16/fp16/fp32 KV of any head dim (whole SIMD register blocks for V4's 512, a scalar loop
+for the columns past the last whole block of other dims) or the packed 584-byte FP8 rows
+(SPEC §13.1), decoded to fp32 in the kernel.
 
 grouped_linear: below ``GROUPED_DIRECT_MAX_T`` tokens the bf16/fp16/fp32 weight streams once from
 memory in its storage format, each output one fixed-order fp32 FMA sequence (bit-identical for any
@@ -20,8 +22,6 @@ from ..._registry import register_kernel
 
 def _sparse_attn_refusals(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> list[str]:
     reasons = []
-    if q.shape[-1] % 64 != 0:
-        reasons.append(f"cpu sparse_attn needs a head dim that is a multiple of 64, got {q.shape[-1]}")
     if topk_idxs.dtype != torch.int32:
         reasons.append(f"cpu sparse_attn needs int32 topk_idxs, got {topk_idxs.dtype}")
     return reasons

@@ -30,9 +30,10 @@ SCALE_OFF = 576
 
 
 @triton.jit
-def _load_kv_tile(kv_ptr, rows, valid, PACKED: tl.constexpr):
-    """Gather KV rows ``rows`` [BK] as an fp32 [BK, 512] tile (invalid rows read as zeros)."""
-    d = tl.arange(0, 512)
+def _load_kv_tile(kv_ptr, rows, valid, PACKED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gather KV rows ``rows`` [BK] as an fp32 [BK, BLOCK_D] tile (invalid rows and the columns
+    past the head dim ``D`` read as zeros). Packed rows are V4's (D = BLOCK_D = 512)."""
+    d = tl.arange(0, BLOCK_D)
     if PACKED:
         base = rows[:, None].to(tl.int64) * 584
         is_nope = d[None, :] < 448
@@ -46,7 +47,8 @@ def _load_kv_tile(kv_ptr, rows, valid, PACKED: tl.constexpr):
         rope = ((lo | (hi << 8)) << 16).to(tl.float32, bitcast=True)
         return tl.where(is_nope, e4m3_decode(code) * sc, rope)
     else:
-        return tl.load(kv_ptr + rows[:, None].to(tl.int64) * 512 + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        return tl.load(kv_ptr + rows[:, None].to(tl.int64) * D + d[None, :], mask=valid[:, None] & (d < D)[None, :],
+                       other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -54,7 +56,7 @@ def _sparse_attn_fwd_kernel(
     q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ws, l_ws, acc_ws,
     M, N, H, K, chunk, n_splits, scale,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_BF16: tl.constexpr, OUT_KIND: tl.constexpr,
+    DOT_BF16: tl.constexpr, OUT_KIND: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0)  # flattened (b, i)
     hb = tl.program_id(1)
@@ -62,13 +64,14 @@ def _sparse_attn_fwd_kernel(
     b = r // M
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    d = tl.arange(0, 512)
-    q = tl.load(q_ptr + (r * H + h[:, None]).to(tl.int64) * 512 + d[None, :], mask=hm[:, None], other=0.0).to(tl.float32)
+    d = tl.arange(0, BLOCK_D)
+    hdm = hm[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + (r * H + h[:, None]).to(tl.int64) * D + d[None, :], mask=hdm, other=0.0).to(tl.float32)
     if DOT_BF16:
         qd = q.to(tl.bfloat16)
     mx = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     den = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, 512), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     k_lo = sp * chunk
     k_hi = tl.minimum(k_lo + chunk, K)
     kk = tl.arange(0, BLOCK_K)
@@ -76,7 +79,7 @@ def _sparse_attn_fwd_kernel(
         ko = k0 + kk
         idx = tl.load(idx_ptr + r.to(tl.int64) * K + ko, mask=ko < k_hi, other=-1)
         valid = idx >= 0
-        kv = _load_kv_tile(kv_ptr, b * N + tl.where(valid, idx, 0), valid, PACKED)
+        kv = _load_kv_tile(kv_ptr, b * N + tl.where(valid, idx, 0), valid, PACKED, D, BLOCK_D)
         if DOT_BF16:
             kvd = kv.to(tl.bfloat16)
             s = tl.dot(qd, tl.trans(kvd), out_dtype=tl.float32)
@@ -99,7 +102,7 @@ def _sparse_attn_fwd_kernel(
         ws = (r * n_splits + sp) * H + h
         tl.store(m_ws + ws, mx, mask=hm)
         tl.store(l_ws + ws, den, mask=hm)
-        tl.store(acc_ws + ws[:, None].to(tl.int64) * 512 + d[None, :], acc, mask=hm[:, None])
+        tl.store(acc_ws + ws[:, None].to(tl.int64) * D + d[None, :], acc, mask=hdm)
     else:
         any_valid = mx > float("-inf")
         shift = tl.where(any_valid, mx, 0.0)
@@ -107,35 +110,36 @@ def _sparse_attn_fwd_kernel(
         sink = tl.load(sink_ptr + h, mask=hm, other=0.0)
         den = den + tl.exp(sink - shift)
         o = tl.where(any_valid[:, None], acc / den[:, None], 0.0)
-        store_out(o_ptr + (r * H + h[:, None]).to(tl.int64) * 512 + d[None, :], o, hm[:, None], OUT_KIND)
+        store_out(o_ptr + (r * H + h[:, None]).to(tl.int64) * D + d[None, :], o, hdm, OUT_KIND)
 
 
 @triton.jit
 def _sparse_attn_combine_kernel(
     sink_ptr, o_ptr, m_ws, l_ws, acc_ws, H, n_splits,
-    BLOCK_H: tl.constexpr, OUT_KIND: tl.constexpr,
+    BLOCK_H: tl.constexpr, OUT_KIND: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0)
     hb = tl.program_id(1)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    d = tl.arange(0, 512)
+    d = tl.arange(0, BLOCK_D)
+    hdm = hm[:, None] & (d < D)[None, :]
     mx = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     for sp in range(0, n_splits):
         mx = tl.maximum(mx, tl.load(m_ws + (r * n_splits + sp) * H + h, mask=hm, other=float("-inf")))
     any_valid = mx > float("-inf")
     shift = tl.where(any_valid, mx, 0.0)
     den = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, 512), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     for sp in range(0, n_splits):
         ws = (r * n_splits + sp) * H + h
         w = tl.exp(tl.load(m_ws + ws, mask=hm, other=float("-inf")) - shift)
         den += tl.load(l_ws + ws, mask=hm, other=0.0) * w
-        acc += tl.load(acc_ws + ws[:, None].to(tl.int64) * 512 + d[None, :], mask=hm[:, None], other=0.0) * w[:, None]
+        acc += tl.load(acc_ws + ws[:, None].to(tl.int64) * D + d[None, :], mask=hdm, other=0.0) * w[:, None]
     sink = tl.load(sink_ptr + h, mask=hm, other=0.0)
     den = den + tl.exp(sink - shift)
     o = tl.where(any_valid[:, None], acc / den[:, None], 0.0)
-    store_out(o_ptr + (r * H + h[:, None]).to(tl.int64) * 512 + d[None, :], o, hm[:, None], OUT_KIND)
+    store_out(o_ptr + (r * H + h[:, None]).to(tl.int64) * D + d[None, :], o, hdm, OUT_KIND)
 
 
 def attn_splits(rows: int, head_blocks: int, k_total: int, m: int, device: torch.device) -> int:
@@ -152,17 +156,22 @@ def attn_splits(rows: int, head_blocks: int, k_total: int, m: int, device: torch
     return max(1, min(want, max_splits, 64))
 
 
+#: largest head dim whose q, KV and output tiles fit one program (V4's 512)
+D_MAX = D_KV
+
+
 def _attn_refusals(q, kv, attn_sink, topk_idxs, softmax_scale) -> list[str]:
-    if q.shape[-1] != D_KV:
-        return [f"triton sparse_attn is specialised for head dim {D_KV}, got {q.shape[-1]}"]
+    if q.shape[-1] > D_MAX:
+        return [f"triton sparse_attn holds a whole head in one tile: head dim must be <= {D_MAX}, got {q.shape[-1]}"]
     return []
 
 
 @register_kernel("triton", "sparse_attn", refusals=_attn_refusals)
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    b, m, h, _ = q.shape
+    b, m, h, hd = q.shape
     n = kv.shape[1]
     k_total = topk_idxs.shape[2]
+    bd = max(16, U.next_pow2(hd))  # tl.dot needs >= 16 along the reduction; extra columns are masked
     out = torch.empty_like(q)
     if k_total == 0 or n == 0:
         return out.zero_()
@@ -183,15 +192,16 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk
     if splits == 1:
         _sparse_attn_fwd_kernel[(rows, hblocks, 1)](
             q, kvk, sink, idx, U.out_view(out), sink, sink, sink, m, n, h, k_total, chunk, 1, softmax_scale,
-            BLOCK_H=bh, BLOCK_K=bk, PACKED=packed, SPLIT=False, DOT_BF16=dot16, OUT_KIND=ok)
+            BLOCK_H=bh, BLOCK_K=bk, PACKED=packed, SPLIT=False, DOT_BF16=dot16, OUT_KIND=ok, D=hd, BLOCK_D=bd)
         return out
     m_ws = torch.empty((rows, splits, h), dtype=torch.float32, device=q.device)
     l_ws = torch.empty_like(m_ws)
-    acc_ws = torch.empty((rows, splits, h, D_KV), dtype=torch.float32, device=q.device)
+    acc_ws = torch.empty((rows, splits, h, hd), dtype=torch.float32, device=q.device)
     _sparse_attn_fwd_kernel[(rows, hblocks, splits)](
         q, kvk, sink, idx, out, m_ws, l_ws, acc_ws, m, n, h, k_total, chunk, splits, softmax_scale,
-        BLOCK_H=bh, BLOCK_K=bk, PACKED=packed, SPLIT=True, DOT_BF16=dot16, OUT_KIND=ok)
-    _sparse_attn_combine_kernel[(rows, hblocks)](sink, U.out_view(out), m_ws, l_ws, acc_ws, h, splits, BLOCK_H=bh, OUT_KIND=ok)
+        BLOCK_H=bh, BLOCK_K=bk, PACKED=packed, SPLIT=True, DOT_BF16=dot16, OUT_KIND=ok, D=hd, BLOCK_D=bd)
+    _sparse_attn_combine_kernel[(rows, hblocks)](sink, U.out_view(out), m_ws, l_ws, acc_ws, h, splits, BLOCK_H=bh, OUT_KIND=ok,
+                                                 D=hd, BLOCK_D=bd)
     return out
 
 

@@ -1,6 +1,7 @@
 """The KV compressor of CSA (ratio 4, overlapping windows) and HCA (ratio 128) layers, main
 (head_dim 512, FP8) and indexer (head_dim 128, Hadamard + FP4), with an explicit incremental
-state (SPEC §6).
+state (SPEC §6). Any ratio >= 1 and head dim are accepted; the overlapping (CSA) window form is
+a flag (``overlap``, default ``ratio == 4`` as in V4).
 """
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ __all__ = ["CompressorState", "compress_kv"]
 _QUANTS = ("fp8", "fp4", "none")
 
 
-def _coff(ratio: int) -> int:
-    return 2 if ratio == 4 else 1
+def default_overlap(ratio: int) -> bool:
+    """V4's rule: the ratio-4 (CSA) compressor uses overlapping windows, every other ratio not."""
+    return ratio == 4
+
+
+def _coff(overlap: bool) -> int:
+    return 2 if overlap else 1
 
 
 @dataclass(eq=False)
@@ -31,14 +37,15 @@ class CompressorState:
     pending_kv, pending_score : [B, ratio, coff·hd] fp32
         Projections ``Ckv`` and gate logits ``Z + ape`` of the tokens of the current, still open
         window at slot ``position % ratio``; slots not (yet) written hold ``0`` / ``-inf``.
-    prev_kv, prev_score : [B, ratio, hd] fp32 for CSA (ratio 4), [B, 0, hd] otherwise
+    prev_kv, prev_score : [B, ratio, hd] fp32 with overlapping windows (CSA), [B, 0, hd] otherwise
         The Ca / Za halves of the last closed window (``0`` / ``-inf`` before the first one).
     n_tokens : [B] int64
         Tokens consumed so far per sequence (= position of the next token). Sequences of one
         batch may be at different positions.
 
-    ``coff = 2`` when ``ratio == 4`` (overlapping windows), else 1. :func:`compress_kv` replaces
-    the contents in place, and only after it succeeded.
+    ``coff = 2`` with overlapping windows (``overlap``, default ``ratio == 4``), else 1; the state
+    records it in its shapes. :func:`compress_kv` replaces the contents in place, and only after
+    it succeeded.
 
     Example
     -------
@@ -62,12 +69,12 @@ class CompressorState:
             raise ValueError(f"{op}: pending_kv.shape[1] (ratio) must be >= 1, got shape {list(self.pending_kv.shape)}")
         C.check_tensor(op, "prev_kv", self.prev_kv, ndim=3, dtypes=(torch.float32,))
         hd = self.prev_kv.shape[2]
-        coff = _coff(ratio)
-        if hd < 1 or width != coff * hd:
+        if hd < 1 or width not in (hd, 2 * hd):
             raise ValueError(
-                f"{op}: pending_kv.shape[2] must be coff*head_dim = {coff}*{hd} = {coff * hd} "
-                f"(head_dim from prev_kv, ratio {ratio}), got {width}"
+                f"{op}: pending_kv.shape[2] must be coff*head_dim with coff 1, or 2 for overlapping windows: "
+                f"{hd} or {2 * hd} (head_dim from prev_kv, ratio {ratio}), got {width}"
             )
+        coff = width // hd
         C.check_tensor(op, "pending_score", self.pending_score, dtypes=(torch.float32,), shape=[b, ratio, width])
         C.check_tensor(op, "prev_kv", self.prev_kv, shape=[b, ratio if coff == 2 else 0, hd])
         C.check_tensor(op, "prev_score", self.prev_score, dtypes=(torch.float32,), shape=[b, ratio if coff == 2 else 0, hd])
@@ -78,13 +85,18 @@ class CompressorState:
         )
 
     @classmethod
-    def empty(cls, batch: int, ratio: int, head_dim: int, device: torch.device | str | None = None) -> "CompressorState":
-        """A fresh state (kv = 0, score = −inf, no tokens) for ``batch`` sequences."""
+    def empty(cls, batch: int, ratio: int, head_dim: int, device: torch.device | str | None = None,
+              overlap: bool | None = None) -> "CompressorState":
+        """A fresh state (kv = 0, score = −inf, no tokens) for ``batch`` sequences;
+        ``overlap`` (default ``ratio == 4``) selects the overlapping-window (CSA) layout."""
         op = "CompressorState.empty"
         C.check_int(op, "batch", batch, minimum=0)
         C.check_int(op, "ratio", ratio, minimum=1)
         C.check_int(op, "head_dim", head_dim, minimum=1)
-        coff = _coff(ratio)
+        if overlap is None:
+            overlap = default_overlap(ratio)
+        C.check_bool(op, "overlap", overlap)
+        coff = _coff(overlap)
         nprev = ratio if coff == 2 else 0
         f32 = dict(dtype=torch.float32, device=device)
         return cls(
@@ -109,7 +121,7 @@ class CompressorState:
 
     @property
     def overlap(self) -> bool:
-        return self.ratio == 4
+        return self.pending_kv.shape[2] == 2 * self.head_dim
 
     @property
     def device(self) -> torch.device:
@@ -201,15 +213,17 @@ def compress_kv(
     quant: str = "fp8",
     eps: float = 1e-6,
     hf_rounding: bool = False,
+    overlap: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed ``S`` more tokens per sequence to the KV compressor; emit the entries of every window
     they close (SPEC §6).
 
     Per token at position ``p``: ``Ckv = fp32(x)·wkvᵀ``, ``Z = fp32(x)·wgateᵀ + ape[p % ratio]``.
     Window ``j`` (positions ``j·ratio … j·ratio+ratio−1``) is pooled feature-wise with a softmax
-    over its slots: HCA (no overlap) its ``ratio`` tokens; CSA (``ratio == 4``) the Ca halves
-    (``Ckv[:, :hd]``, logits ``Z[:, :hd]``, biased by ``ape[:, :hd]``) of window ``j−1`` plus the Cb
-    halves (``[:, hd:]``) of window ``j`` — window 0 has no predecessor. The pooled fp32 vector is
+    over its slots: without overlap (HCA) its ``ratio`` tokens; with overlap (CSA, the default for
+    ``ratio == 4``) the Ca halves (``Ckv[:, :hd]``, logits ``Z[:, :hd]``, biased by ``ape[:, :hd]``)
+    of window ``j−1`` plus the Cb halves (``[:, hd:]``) of window ``j`` — window 0 has no
+    predecessor. The pooled fp32 vector is
     rounded to ``x.dtype``, RMS-normalised with ``norm_weight``, rotated (RoPE, trailing
     ``2·len(freqs)`` dims, position ``j·ratio``) and quantisation-simulated:
 
@@ -225,13 +239,14 @@ def compress_kv(
     Parameters
     ----------
     x : [B, S, D] bf16/fp16/fp32, attention input (after attn_norm)
-    wkv, wgate : [coff·hd, D] bf16/fp16/fp32 (math in fp32); ``coff = 2`` if ``ratio == 4`` else 1
+    wkv, wgate : [coff·hd, D] bf16/fp16/fp32 (math in fp32); ``coff = 2`` with overlap, else 1
     ape : [ratio, coff·hd] fp32, in-window gate bias
-    norm_weight : [hd] bf16/fp16/fp32, RMSNorm weight (``hd`` = 512 main, 128 indexer)
-    freqs : [r/2] fp32, the compressed-layer RoPE table (``v4_rope_frequencies(True)``, r = 64)
+    norm_weight : [hd] bf16/fp16/fp32, RMSNorm weight (``hd`` = 512 main, 128 indexer in V4; any)
+    freqs : [r/2] fp32, the compressed-layer RoPE table (``v4_rope_frequencies(True)``, r = 64 in
+        V4; any even ``r <= hd``)
     state : :class:`CompressorState` for ``B`` sequences, this ``ratio`` and ``hd``; updated in
         place after success only (a failing call leaves it unchanged)
-    ratio : compression ratio (4 = CSA with overlapping windows, 128 = HCA; any ratio >= 1)
+    ratio : compression ratio (4 = CSA, 128 = HCA in V4; any ratio >= 1)
     quant : "fp8" (needs ``(hd − r) % 64 == 0``), "fp4" (needs ``hd`` a power of two >= 32) or "none"
     eps : RMSNorm epsilon (1e-6 in V4)
     hf_rounding : [HF] pooling of transformers 5.23.0 (``DeepseekV4CSACompressor`` /
@@ -241,6 +256,7 @@ def compress_kv(
         ``x.dtype`` and the sum over the window's slots is rounded once to ``x.dtype``; RoPE uses
         cos/sin tables rounded to ``x.dtype``. Same as the default for fp32 ``x`` (up to the
         softmax's fp32 rounding).
+    overlap : overlapping (CSA) windows; default ``ratio == 4``. Must match the ``state``.
 
     Returns
     -------
@@ -275,6 +291,9 @@ def compress_kv(
     if not isinstance(state, CompressorState):
         raise TypeError(f"{op}: state must be a CompressorState, got {type(state).__name__}")
     C.check_int(op, "ratio", ratio, minimum=1)
+    if overlap is None:
+        overlap = default_overlap(ratio)
+    C.check_bool(op, "overlap", overlap)
     if not isinstance(quant, str):
         raise TypeError(f"{op}: quant must be a str, got {type(quant).__name__}")
     C.check_value(op, "quant", quant, quant in _QUANTS, "one of " + ", ".join(map(repr, _QUANTS)))
@@ -289,7 +308,7 @@ def compress_kv(
     r = 2 * freqs.shape[0]
     if r == 0 or r > hd:
         raise ValueError(f"{op}: 2*len(freqs) rope dims must be in [2, head_dim={hd}] (head_dim = len(norm_weight)), got {r}")
-    coff = _coff(ratio)
+    coff = _coff(overlap)
     C.check_tensor(op, "wkv", wkv, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
     C.check_tensor(op, "wgate", wgate, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
     C.check_tensor(op, "ape", ape, dtypes=(torch.float32,), shape=[ratio, coff * hd])
@@ -301,6 +320,8 @@ def compress_kv(
         raise ValueError(f"{op}: state holds {state.batch_size} sequences, got x.shape[0]={bsz} (shape {list(x.shape)})")
     # the state's own consistency (shapes, dtypes) may have been broken by reassigning fields
     state.__post_init__()
+    if state.overlap != overlap:
+        raise ValueError(f"{op}: state was created with overlap={state.overlap}, got overlap={overlap} (ratio {ratio})")
     if quant == "fp8" and (hd - r) % 64:
         raise ValueError(f"{op}: quant='fp8' quantises the {hd}-{r} nope dims in blocks of 64; {hd - r} is not a multiple of 64")
     if quant == "fp4" and (hd < 32 or hd & (hd - 1)):

@@ -114,8 +114,8 @@ def compress_kv(
     bsz, s, _ = x.shape
     hd = norm_weight.shape[0]
     m = ratio
-    overlap = m == 4
     width = wkv.shape[0]  # coff·hd
+    overlap = width == 2 * hd  # overlapping (CSA) windows: the projections hold both halves
     dev = x.device
 
     entries = torch.zeros(bsz, (s + m - 1) // m, hd, dtype=x.dtype, device=dev)

@@ -365,7 +365,7 @@ def compress_kv(
     hd = norm_weight.shape[0]
     r = 2 * freqs.shape[0]
     width = wkv.shape[0]  # coff·hd
-    overlap = ratio == 4
+    overlap = width == 2 * hd  # overlapping (CSA) windows: wkv holds both halves
     dev = x.device
     cfg = U.block_config("compressor", dev)
     f32 = dict(dtype=torch.float32, device=dev)

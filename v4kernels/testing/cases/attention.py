@@ -132,14 +132,14 @@ def decode_indices(gen: torch.Generator, ts: list[int], n_comp: int, k_comp: int
     return torch.tensor(rows, dtype=torch.int32)
 
 
-def prefill_indices(gen: torch.Generator, b: int, s: int, ratio: int, k_comp: int) -> torch.Tensor:
-    """[B, S, min(S,128) + k_comp] for a prefill from position 0 (SPEC §8.1), CSA top-k part."""
-    wp = min(s, WINDOW)
+def prefill_indices(gen: torch.Generator, b: int, s: int, ratio: int, k_comp: int, window: int = WINDOW) -> torch.Tensor:
+    """[B, S, min(S,window) + k_comp] for a prefill from position 0 (SPEC §8.1), CSA top-k part."""
+    wp = min(s, window)
     out = []
     for _ in range(b):
         rows = []
         for i in range(s):
-            lo = max(0, i - WINDOW + 1)
+            lo = max(0, i - window + 1)
             win = [lo + u if lo + u <= i else -1 for u in range(wp)]
             rows.append(win + topk_like(gen, (i + 1) // ratio, k_comp, s))
         out.append(rows)
@@ -153,14 +153,14 @@ def prefill_indices(gen: torch.Generator, b: int, s: int, ratio: int, k_comp: in
 
 def _attn_inputs(gen: torch.Generator, device: torch.device, b: int, m: int, h: int, n: int, idx: torch.Tensor,
                  dtype: torch.dtype = torch.bfloat16, fp8: bool = False, sink_scale: float = 1.0,
-                 sink: torch.Tensor | None = None) -> dict[str, Any]:
-    q = randn(gen, (b, m, h, 512), device, dtype)
-    kv = randn(gen, (b, n, 512), device, dtype)
+                 sink: torch.Tensor | None = None, d: int = 512) -> dict[str, Any]:
+    q = randn(gen, (b, m, h, d), device, dtype)
+    kv = randn(gen, (b, n, d), device, dtype)
     if fp8:
         kv = v4k.pack_kv_fp8(kv)
     if sink is None:
         sink = randn(gen, (h,), device, torch.float32, sink_scale)
-    return {"q": q, "kv": kv, "attn_sink": sink.to(device), "topk_idxs": idx.to(device), "softmax_scale": 512**-0.5}
+    return {"q": q, "kv": kv, "attn_sink": sink.to(device), "topk_idxs": idx.to(device), "softmax_scale": d**-0.5}
 
 
 def _run_attn(q, kv, attn_sink, topk_idxs, softmax_scale):
@@ -200,10 +200,11 @@ for _fp8 in (False, True):
                _path, {"v4-flash", "hca"}, naive=not _fp8)
 
 
-def _prefill_make(b: int, s: int, h: int, ratio: int, k_comp: int, fp8: bool = False):
+def _prefill_make(b: int, s: int, h: int, ratio: int, k_comp: int, fp8: bool = False, window: int = WINDOW, d: int = 512,
+                  dtype: torch.dtype = torch.bfloat16):
     def make(gen: torch.Generator, device: torch.device) -> dict[str, Any]:
-        idx = prefill_indices(gen, b, s, ratio, k_comp)
-        return _attn_inputs(gen, device, b, s, h, s + s // ratio, idx, fp8=fp8)
+        idx = prefill_indices(gen, b, s, ratio, k_comp, window)
+        return _attn_inputs(gen, device, b, s, h, s + s // ratio, idx, fp8=fp8, d=d, dtype=dtype)
     return make
 
 
@@ -216,7 +217,7 @@ _attn_case("prefill_m12_h4_small_fp8kv", _prefill_make(2, 12, 4, 4, 3, True), "p
 
 def _random_idx_make(b: int, m: int, h: int, n: int, k: int, p_skip: float = 0.2, dtype: torch.dtype = torch.bfloat16,
                      fp8: bool = False, skip_rows: tuple[int, ...] = (), dup: bool = False, sink_scale: float = 1.0,
-                     sink: list[float] | None = None):
+                     sink: list[float] | None = None, d: int = 512):
     """Random indices with duplicates allowed when ``dup``, a fraction ``p_skip`` of −1 entries,
     and rows (over the flattened (b, i) grid) listed in ``skip_rows`` entirely −1."""
     def make(gen: torch.Generator, device: torch.device) -> dict[str, Any]:
@@ -229,7 +230,7 @@ def _random_idx_make(b: int, m: int, h: int, n: int, k: int, p_skip: float = 0.2
         for r in skip_rows:
             flat[r] = -1
         st = None if sink is None else torch.tensor(sink, dtype=torch.float32)
-        return _attn_inputs(gen, device, b, m, h, n, idx, dtype=dtype, fp8=fp8, sink_scale=sink_scale, sink=st)
+        return _attn_inputs(gen, device, b, m, h, n, idx, dtype=dtype, fp8=fp8, sink_scale=sink_scale, sink=st, d=d)
     return make
 
 
@@ -243,6 +244,15 @@ _attn_case("odd_fp32_h64_k65", _random_idx_make(1, 2, 64, 90, 65, dtype=torch.fl
            naive=True, dtype=torch.float32)
 _attn_case("odd_fp16_h16_k64", _random_idx_make(2, 1, 16, 70, 64, dtype=torch.float16), "decode", {"odd"})
 _attn_case("odd_h128_k200", _random_idx_make(1, 1, 128, 256, 200), "decode", {"odd", "v4-pro"})
+# generic head dims (small models): 32, 40 and 24 are not whole SIMD register blocks on any ISA
+_attn_case("generic_hd32_h4_prefill_w8_ratio8", _prefill_make(2, 20, 4, 8, 2, window=8, d=32), "generic", {"generic"},
+           naive=True)
+_attn_case("generic_hd32_h4_decode_k12", _random_idx_make(2, 1, 4, 24, 12, d=32), "generic", {"generic"}, naive=True)
+_attn_case("generic_hd40_h3_k70", _random_idx_make(2, 3, 3, 100, 70, d=40), "generic", {"generic"}, naive=True)
+_attn_case("generic_hd24_h7_fp32_k9", _random_idx_make(1, 4, 7, 16, 9, dtype=torch.float32, d=24), "generic", {"generic"},
+           naive=True, dtype=torch.float32)
+_attn_case("generic_hd96_h2_skipped_rows", _random_idx_make(2, 2, 2, 30, 17, skip_rows=(1,), d=96), "generic",
+           {"generic", "edge"}, naive=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,18 +44,20 @@ def make_compressor_inputs(
     ratio: int,
     dtype: torch.dtype = torch.bfloat16,
     weight_dtype: torch.dtype = torch.bfloat16,
+    overlap: bool | None = None,
+    rope_dim: int = 64,
 ) -> dict[str, torch.Tensor]:
     """Seeded weights and a token stream ``x [batch, tokens, dim]``; projections come out O(1)
     and the gate logits spread over a few units, so the softmax is neither flat nor one-hot."""
     device = torch.device(device)
-    coff = 2 if ratio == 4 else 1
+    coff = 2 if (ratio == 4 if overlap is None else overlap) else 1
     return {
         "x": randn(gen, (batch, tokens, dim), device, dtype),
         "wkv": randn(gen, (coff * head_dim, dim), device, weight_dtype, dim**-0.5),
         "wgate": randn(gen, (coff * head_dim, dim), device, weight_dtype, 2.0 * dim**-0.5),
         "ape": randn(gen, (ratio, coff * head_dim), device, torch.float32),
         "norm_weight": (1.0 + 0.25 * torch.randn(head_dim, generator=gen)).to(weight_dtype).to(device),
-        "freqs": v4k.v4_rope_frequencies(True, device=device),
+        "freqs": v4k.v4_rope_frequencies(True, rope_dim=rope_dim, device=device),
     }
 
 
@@ -75,6 +77,7 @@ def naive_compress_kv(
     ratio: int,
     quant: str = "fp8",
     eps: float = 1e-6,
+    overlap: bool | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """All ``S // ratio`` entries of whole prompts ``x [B, S, D]`` and the state [OFF] leaves.
 
@@ -87,7 +90,7 @@ def naive_compress_kv(
     bsz, s, _ = x.shape
     hd = norm_weight.shape[0]
     m = ratio
-    overlap = m == 4
+    overlap = m == 4 if overlap is None else overlap
     coff = 2 if overlap else 1
     r = 2 * freqs.shape[0]
     dev = x.device
@@ -120,7 +123,7 @@ def naive_compress_kv(
                 c = fp4_act_roundtrip(hadamard_transform(c), 32)
             entries[b, j] = c.view(hd)
     # final state: the open window's rows, and the Ca/Za halves of the last closed window
-    st = v4k.CompressorState.empty(bsz, m, hd, device=dev)
+    st = v4k.CompressorState.empty(bsz, m, hd, device=dev, overlap=overlap)
     rem = s - n_win * m
     st.pending_kv[:, :rem] = ckv[:, n_win * m :].float()
     st.pending_score[:, :rem] = z[:, n_win * m :].float()
@@ -159,6 +162,7 @@ def run_plan(
     plan: Plan,
     quant: str = "fp8",
     eps: float = 1e-6,
+    overlap: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Feed ``x`` through ``compress_kv`` step by step from a fresh state.
 
@@ -167,14 +171,15 @@ def run_plan(
     """
     bsz, _, _ = x.shape
     hd = norm_weight.shape[0]
-    st = v4k.CompressorState.empty(bsz, ratio, hd, device=x.device)
+    st = v4k.CompressorState.empty(bsz, ratio, hd, device=x.device, overlap=overlap)
     got: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
     t = 0
     for kind, arg in plan:
         if kind == "reset":
             st.reset(arg)
             continue
-        e, n = v4k.compress_kv(x[:, t : t + arg], wkv, wgate, ape, norm_weight, freqs, st, ratio=ratio, quant=quant, eps=eps)
+        e, n = v4k.compress_kv(x[:, t : t + arg], wkv, wgate, ape, norm_weight, freqs, st, ratio=ratio, quant=quant, eps=eps,
+                                overlap=overlap)
         for b, nb in enumerate(n.tolist()):
             got[b].append(e[b, :nb])
         t += arg
@@ -193,6 +198,7 @@ def naive_plan(
     plan: Plan,
     quant: str = "fp8",
     eps: float = 1e-6,
+    overlap: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """What :func:`run_plan` must return: every sequence split at its resets into prompts, each
     prompt compressed at once by :func:`naive_compress_kv`."""
@@ -213,7 +219,8 @@ def naive_plan(
     final: list[tuple[torch.Tensor, ...]] = []
     for b in range(bsz):
         for lo, hi in segments[b] + [(seg_start[b], t)]:
-            e, st = naive_compress_kv(x[b : b + 1, lo:hi], wkv, wgate, ape, norm_weight, freqs, ratio=ratio, quant=quant, eps=eps)
+            e, st = naive_compress_kv(x[b : b + 1, lo:hi], wkv, wgate, ape, norm_weight, freqs, ratio=ratio, quant=quant, eps=eps,
+                                      overlap=overlap)
             got[b].append(e[0])
         final.append(st)  # the state of the last prompt (empty if the row was just reset)
     state = tuple(torch.cat([f[i] for f in final], 0) for i in range(5))
@@ -316,20 +323,22 @@ def compare_plan_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torc
 
 
 def _case(name: str, *, batch: int, dim: int, head_dim: int, ratio: int, quant: str, plan: Plan, path: str,
-          tags: Sequence[str] = (), large: bool = False, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> ParityCase:
+          tags: Sequence[str] = (), large: bool = False, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+          overlap: bool | None = None, rope_dim: int = 64) -> ParityCase:
     tokens = sum(a for k, a in plan if k == "call")
 
     def make(g: torch.Generator, d: torch.device) -> dict[str, Any]:
-        return make_compressor_inputs(g, d, batch=batch, tokens=tokens, dim=dim, head_dim=head_dim, ratio=ratio, dtype=dtype)
+        return make_compressor_inputs(g, d, batch=batch, tokens=tokens, dim=dim, head_dim=head_dim, ratio=ratio, dtype=dtype,
+                                      overlap=overlap, rope_dim=rope_dim)
 
     def run(**kw: Any) -> tuple[torch.Tensor, ...]:
-        return run_plan(**kw, ratio=ratio, plan=plan, quant=quant)
+        return run_plan(**kw, ratio=ratio, plan=plan, quant=quant, overlap=overlap)
 
     def naive(**kw: Any) -> tuple[torch.Tensor, ...]:
-        return naive_plan(**kw, ratio=ratio, plan=plan, quant=quant)
+        return naive_plan(**kw, ratio=ratio, plan=plan, quant=quant, overlap=overlap)
 
     def compare(actual: Any, expected: Any, tol: Any) -> CompareResult:
-        return compare_plan_outputs(actual, expected, quant, 64, tol)
+        return compare_plan_outputs(actual, expected, quant, rope_dim, tol)
 
     return register(ParityCase(f"compress_kv/{name}", "compress_kv", make, run, path=path, tags=frozenset(tags),
                                large=large, compare=compare, naive=naive, naive_tol=NAIVE_STATE_TOL, seed=seed))
@@ -363,3 +372,22 @@ _case("flash_csa_main_chunks_decode", batch=2, dim=D, head_dim=512, ratio=4, qua
       path="chunk", tags=("v4-flash", "odd"), large=True)
 _case("flash_hca_chunks_decode", batch=1, dim=D, head_dim=512, ratio=128, quant="fp8", plan=_calls(127, 1, 1, 129, 2),
       path="chunk", tags=("v4-flash", "odd"), large=True)
+
+# generic shapes (small models, e.g. test configurations): head dim 32, rope dims 8-16, any
+# ratio >= 2, the overlapping (CSA) window form on and off independently of the ratio
+_case("generic_csa_hd32_r8", batch=2, dim=48, head_dim=32, ratio=4, quant="none", plan=_calls(13, 1, 1, 3), path="generic",
+      tags=("generic",), rope_dim=8)
+_case("generic_hca_ratio8_hd32_r16", batch=2, dim=48, head_dim=32, ratio=8, quant="none", plan=_calls(5, 4, 1, 1, 9),
+      path="generic", tags=("generic",), rope_dim=16)
+_case("generic_overlap_ratio8_hd32", batch=1, dim=40, head_dim=32, ratio=8, quant="none", plan=_calls(19, 1, 1, 5),
+      path="generic", tags=("generic",), rope_dim=8, overlap=True)
+_case("generic_ratio4_no_overlap_hd40", batch=2, dim=32, head_dim=40, ratio=4, quant="none", plan=_calls(6, 1, 1, 1, 7),
+      path="generic", tags=("generic",), rope_dim=8, overlap=False)
+_case("generic_overlap_ratio2_hd16", batch=1, dim=24, head_dim=16, ratio=2, quant="none", plan=_calls(7, 1, 2),
+      path="generic", tags=("generic",), rope_dim=8, overlap=True)
+_case("generic_hd96_r32_fp8_ratio8", batch=1, dim=32, head_dim=96, ratio=8, quant="fp8", plan=_calls(17, 1, 6),
+      path="generic", tags=("generic",), rope_dim=32)
+_case("generic_indexer_hd32_fp4", batch=2, dim=48, head_dim=32, ratio=4, quant="fp4", plan=_calls(9, 1, 2), path="generic",
+      tags=("generic",), rope_dim=8)
+_case("generic_fp32_overlap_ratio16", batch=1, dim=32, head_dim=32, ratio=16, quant="none", plan=_calls(33, 1, 14),
+      path="generic", tags=("generic",), rope_dim=8, overlap=True, dtype=torch.float32)

@@ -100,16 +100,19 @@ def make_indexer_inputs(
     key_fmt: str,
     heads: int = FLASH["index_heads"],
     dim: int = FLASH["index_dim"],
+    rope_dim: int = 64,
 ) -> dict[str, Any]:
     """V4-like inputs: FP4-simulated rotated queries (``indexer_query``), scaled bf16 head
     weights, and keys as the indexer compressor emits them (Hadamard + FP4), stored as bf16,
     FP8 (block 128) or packed FP4 (block 32)."""
     b, s = len(positions), len(positions[0])
     pos = torch.tensor(positions, dtype=torch.int64, device=d)
-    freqs = v4k.v4_rope_frequencies(True, device=d)
-    q = v4k.indexer_query(randn(g, (b, s, heads, dim), d), pos, freqs)
+    freqs = v4k.v4_rope_frequencies(True, rope_dim=rope_dim, device=d)
+    fp4 = dim % 32 == 0  # the FP4 simulation works in blocks of 32 (smaller heads: rotation only)
+    q = v4k.indexer_query(randn(g, (b, s, heads, dim), d), pos, freqs, simulate_fp4=fp4)
     w = (randn(g, (b, s, heads), d, torch.float32) * v4k.indexer_scale(heads, dim)).to(torch.bfloat16)
-    k = v4k.fp4_act_roundtrip(v4k.hadamard_transform(randn(g, (b, n_keys, dim), d)), 32)
+    k = v4k.hadamard_transform(randn(g, (b, n_keys, dim), d))
+    k = v4k.fp4_act_roundtrip(k, 32) if fp4 else k
     inputs: dict[str, Any] = {"q": q, "weights": w, "positions": pos}
     if key_fmt == "bf16":
         inputs.update(keys=k, key_scales=None)
@@ -122,31 +125,33 @@ def make_indexer_inputs(
     return inputs
 
 
-def _register_topk(name, positions, n_keys, key_fmt, topk, offset, tags, large=False, path="decode", heads=FLASH["index_heads"]):
+def _register_topk(name, positions, n_keys, key_fmt, topk, offset, tags, large=False, path="decode", heads=FLASH["index_heads"],
+                   dim=FLASH["index_dim"], rope_dim=64, ratio=4):
     def make(g, d):
-        x = make_indexer_inputs(g, d, positions, n_keys, key_fmt, heads=heads)
+        x = make_indexer_inputs(g, d, positions, n_keys, key_fmt, heads=heads, dim=dim, rope_dim=rope_dim)
         x.update(topk=topk, offset=offset)
         return x
 
     def run(q, weights, keys, positions, key_scales, topk, offset):
-        return v4k.indexer_topk(q, weights, keys, positions, topk, offset=offset, key_scales=key_scales)
+        return v4k.indexer_topk(q, weights, keys, positions, topk, ratio=ratio, offset=offset, key_scales=key_scales)
 
     def naive(q, weights, keys, positions, key_scales, topk, offset):
-        return dense_topk(q, weights, keys, positions, topk, offset=offset, key_scales=key_scales)
+        return dense_topk(q, weights, keys, positions, topk, ratio=ratio, offset=offset, key_scales=key_scales)
 
     register(ParityCase(f"indexer_topk/{name}", "indexer_topk", make, run, path=f"{path}-{key_fmt}-keys",
                         tags=frozenset(tags), large=large, compare=_topk_compare, naive=naive))
 
 
-def _register_scores(name, positions, n_keys, key_fmt, tags, path):
+def _register_scores(name, positions, n_keys, key_fmt, tags, path, heads=FLASH["index_heads"], dim=FLASH["index_dim"],
+                     rope_dim=64, ratio=4):
     def make(g, d):
-        return make_indexer_inputs(g, d, positions, n_keys, key_fmt)
+        return make_indexer_inputs(g, d, positions, n_keys, key_fmt, heads=heads, dim=dim, rope_dim=rope_dim)
 
     def run(q, weights, keys, positions, key_scales):
-        return v4k.indexer_scores(q, weights, keys, positions, key_scales=key_scales)
+        return v4k.indexer_scores(q, weights, keys, positions, ratio=ratio, key_scales=key_scales)
 
     def naive(q, weights, keys, positions, key_scales):
-        return dense_scores_f64(q, weights, keys, positions, key_scales=key_scales).float()
+        return dense_scores_f64(q, weights, keys, positions, ratio=ratio, key_scales=key_scales).float()
 
     register(ParityCase(f"indexer_scores/{name}", "indexer_scores", make, run, path=f"{path}-{key_fmt}-keys",
                         tags=frozenset(tags), naive=naive, naive_tol=Tolerance(1e-5, 1e-5, 0.99999)))
@@ -176,3 +181,13 @@ _register_topk("flash_decode_b2_n262144_fp4", [[1_048_575], [600_001]], 262144, 
 _register_scores("prefill_s64_n16_bf16", [list(range(64))], 16, "bf16", {"v4-flash"}, "prefill")
 _register_scores("decode_b2_n1024_fp8", [[4095], [1002]], 1024, "fp8", {"v4-flash"}, "decode")
 _register_scores("decode_b2_n512_fp4", [[2047], [10]], 512, "fp4", {"v4-flash", "edge"}, "decode")
+
+# generic shapes (small models): 2 heads of 16 dims, rope dims 8, top-4, compression ratio 8
+_register_topk("generic_h2_d16_top4_prefill_ratio8", [list(range(40))], 5, "bf16", 4, 40, {"generic"}, path="generic",
+               heads=2, dim=16, rope_dim=8, ratio=8)
+_register_topk("generic_h2_d16_top4_decode_b2", [[43], [17]], 5, "bf16", 4, 8, {"generic"}, path="generic",
+               heads=2, dim=16, rope_dim=8, ratio=8)
+_register_topk("generic_h3_d32_top4_decode_fp4", [[61], [9]], 15, "fp4", 4, 8, {"generic"}, path="generic",
+               heads=3, dim=32, rope_dim=16, ratio=4)
+_register_scores("generic_h2_d16_chunk_ratio8", [list(range(30, 42))], 5, "bf16", {"generic"}, "generic",
+                 heads=2, dim=16, rope_dim=8, ratio=8)

@@ -92,3 +92,9 @@ _compressed_case("hca_prefill_s600", [0], 600, 128, 600, "prefill")
 _compressed_case("hca_decode_b6_edges", [0, 126, 127, 128, 255, 256], 1, 128, 128, "decode", tags=("edge",))
 _compressed_case("hca_decode_1m", [1_048_575, 4096], 1, 128, 128, "decode")
 _compressed_case("csa_all_chunk_b2_s33", [100, 7], 33, 4, 128 + 33, "chunk", tags=("odd",))
+
+# generic shapes (small models): window 8, HCA ratio 8
+_window_case("generic_prefill_s20_window8", [0, 0], 20, "prefill", window=8, tags=("generic",))
+_window_case("generic_decode_b3_window8", [3, 7, 30], 1, "decode", window=8, tags=("generic",))
+_window_case("generic_chunk_b2_s5_window8", [13, 2], 5, "chunk", window=8, tags=("generic",))
+_compressed_case("generic_ratio8_chunk_b2_s5", [13, 2], 5, 8, 8 + 5, "chunk", tags=("generic",))

@@ -240,6 +240,7 @@ for _name, _lead, _hc, _kind, _iters in [
     ("base_only", (2, 1), 4, "base", 20),
     ("odd_hc2_iters1", (5,), 2, "random", 1),
     ("odd_hc3_iters7", (7,), 3, "random", 7),
+    ("generic_hc2_iters20_b2s3", (2, 3), 2, "random", 20),
 ]:
     _reg(_name, "hc_split_sinkhorn", _split_inputs(_lead, _hc, _kind),
          lambda mixes, hc_scale, hc_base, _h=_hc, _i=_iters: v4k.hc_split_sinkhorn(mixes, hc_scale, hc_base, _h, _i),
@@ -253,6 +254,8 @@ _SHAPES = [
     ("small_b2s3_d40", (2, 3), 4, 40, torch.bfloat16, {"odd"}, True),
     ("odd_hc2_fp32_d24", (3,), 2, 24, torch.float32, {"odd"}, True),
     ("prefill_s5_d100", (1, 5), 4, 100, torch.bfloat16, {"odd"}, True),
+    ("generic_hc2_b2s3_d64", (2, 3), 2, 64, torch.bfloat16, {"generic"}, True),
+    ("generic_hc2_fp32_s4_d32", (1, 4), 2, 32, torch.float32, {"generic"}, True),
 ]
 for _name, _lead, _hc, _dim, _dt, _tags, _naive in _SHAPES:
     _reg(_name, "hc_pre", _pre_inputs(_lead, _hc, _dim, _dt),

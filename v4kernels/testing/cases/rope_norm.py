@@ -47,25 +47,28 @@ def naive_rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: flo
 
 
 
-def _rope_inputs(shape, positions, compressed):
+def _rope_inputs(shape, positions, compressed, rope_dim=64):
     def make(g, d):
         return {
             "x": randn(g, shape, d),
             "positions": torch.tensor(positions, dtype=torch.int64, device=d).reshape(1, -1).expand(shape[0], -1).contiguous(),
-            "freqs": v4k.v4_rope_frequencies(compressed, device=d),
+            "freqs": v4k.v4_rope_frequencies(compressed, rope_dim=rope_dim, device=d),
         }
     return make
 
 
-for name, shape, pos, comp in [
-    ("q_flash_pos0_127_128_129", (1, 4, 64, 512), [0, 127, 128, 129], True),
-    ("kv_far_positions", (2, 4, 512), [65535, 65536, 1_000_000, 1_048_575], True),
-    ("indexer_q_main_table", (1, 3, 64, 128), [0, 1, 126], False),
+for name, shape, pos, comp, rd in [
+    ("q_flash_pos0_127_128_129", (1, 4, 64, 512), [0, 127, 128, 129], True, 64),
+    ("kv_far_positions", (2, 4, 512), [65535, 65536, 1_000_000, 1_048_575], True, 64),
+    ("indexer_q_main_table", (1, 3, 64, 128), [0, 1, 126], False, 64),
+    # generic shapes (small models): head dim 32 with 8 rope dims, indexer head 16 with 16
+    ("generic_q_hd32_rope8", (2, 3, 4, 32), [0, 7, 9], False, 8),
+    ("generic_indexer_d16_rope16", (1, 2, 2, 16), [3, 100], True, 16),
 ]:
-    register(ParityCase(f"apply_rope/{name}", "apply_rope", _rope_inputs(shape, pos, comp),
+    register(ParityCase(f"apply_rope/{name}", "apply_rope", _rope_inputs(shape, pos, comp, rd),
                         lambda x, positions, freqs: v4k.apply_rope(x, positions, freqs), path="rope",
                         naive=naive_apply_rope, naive_tol=bf16_ulp_tol(1.0)))
-    register(ParityCase(f"apply_rope/{name}_inverse", "apply_rope", _rope_inputs(shape, pos, comp),
+    register(ParityCase(f"apply_rope/{name}_inverse", "apply_rope", _rope_inputs(shape, pos, comp, rd),
                         lambda x, positions, freqs: v4k.apply_rope(x, positions, freqs, inverse=True), path="inverse-rope",
                         naive=lambda x, positions, freqs: naive_apply_rope(x, positions, freqs, True),
                         naive_tol=bf16_ulp_tol(1.0)))
