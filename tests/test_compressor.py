@@ -277,8 +277,8 @@ def test_checks_catch_a_perturbed_reference(monkeypatch):
     def off_by_one_rope(c, position, *a):
         return orig(c, position + 1, *a)
 
-    def quantise_everything(c, position, norm_weight, freqs, quant, eps, dtype):
-        e = orig(c, position, norm_weight, freqs, quant, eps, dtype)
+    def quantise_everything(c, position, norm_weight, freqs, quant, eps, dtype, *rest):
+        e = orig(c, position, norm_weight, freqs, quant, eps, dtype, *rest)
         return v4k.act_quant_roundtrip(e.view(1, -1), 64).view(-1)
 
     for bad in (off_by_one_rope, quantise_everything):
@@ -416,7 +416,7 @@ def test_opcheck():
     inp = _inputs(4, 6, batch=2)
     s = CompressorState.empty(2, 4, HD)
     s.n_tokens[1] = 2
-    args = (inp["x"], inp["wkv"], inp["wgate"], inp["ape"], inp["norm_weight"], inp["freqs"], *s.tensors(), 4, "fp8", 1e-6)
+    args = (inp["x"], inp["wkv"], inp["wgate"], inp["ape"], inp["norm_weight"], inp["freqs"], *s.tensors(), 4, "fp8", 1e-6, False)
     torch.library.opcheck(torch.ops.v4k.compress_kv.default, args)
 
 

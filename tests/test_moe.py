@@ -582,13 +582,15 @@ def test_naive_act_quant_matches_reference_act_quant():
 def test_opcheck():
     g = gen(23)
     x, w = torch.randn(4, 32, generator=g), torch.randn(8, 32, generator=g)
-    torch.library.opcheck(torch.ops.v4k.moe_gate.default, (x, w, torch.zeros(8), None, None, 3, 1.5, False))
+    torch.library.opcheck(torch.ops.v4k.moe_gate.default, (x, w, torch.zeros(8), None, None, 3, 1.5, False, False))
     tid = torch.tensor([[0, 1, 2], [5, 6, 7]], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.v4k.moe_gate.default, (x, w, None, tid, torch.tensor([1, 0, 1, 1]), 3, 2.5, True))
+    torch.library.opcheck(torch.ops.v4k.moe_gate.default, (x, w, None, tid, torch.tensor([1, 0, 1, 1]), 3, 2.5, True, False))
+    torch.library.opcheck(torch.ops.v4k.moe_gate.default, (x.bfloat16(), w.bfloat16(), torch.zeros(8), None, None, 3, 1.5,
+                                                           True, True))
     for fmt in ("bf16", "fp4", "fp8"):
         inp = make_expert_inputs(g, CPU, t=3, k=2, n_experts=3, dim=128, inter=128, fmt=fmt)
         args = (inp["x"], inp["topk_weights"], inp["topk_ids"], inp["w1"], inp["w1_scale"], inp["w3"], inp["w3_scale"],
-                inp["w2"], inp["w2_scale"], 10.0, False, torch.float32)
+                inp["w2"], inp["w2_scale"], 10.0, False, torch.float32, False)
         # The AOT-dispatch check (a compile, the slow part) runs once; the quantised formats
         # reuse that code path. torch's schema checker cannot compare float8 tensors (allclose
         # is not implemented for e4m3 on CPU), so FP8 skips that check.

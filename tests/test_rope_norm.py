@@ -133,9 +133,13 @@ def test_rms_norm_variants():
     xn = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
     assert torch.equal(y, (w.float() * xn).bfloat16())  # [OFF]: one rounding
     assert torch.equal(v4k.rms_norm(x, None), xn.bfloat16())
-    hf = v4k.rms_norm(x, w, hf_rounding=True)
-    assert torch.equal(hf, w * xn.bfloat16())  # [HF]: round x̂ first, multiply in bf16
-    assert not torch.equal(hf, y)
+    # [HF] (transformers 5.23.0): the weighted norm multiplies in fp32 and rounds once (= default);
+    # the unweighted one rounds the rsqrt factor to bf16 and the product again
+    assert torch.equal(v4k.rms_norm(x, w, hf_rounding=True), y)
+    inv = torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
+    hf = v4k.rms_norm(x, None, hf_rounding=True)
+    assert torch.equal(hf, x * inv.bfloat16())
+    assert not torch.equal(hf, xn.bfloat16())
     nv = naive_rms_norm(x, w)
     assert bool(((y.float() - nv.float()).abs() <= nv.float().abs() * 2.0**-7 + 1e-6).all())
     # eps matters for tiny rows; fp32 input stays fp32

@@ -172,7 +172,7 @@ def test_fp4_gemm():
 def test_rms_norm_variants():
     x = (torch.randn(5, 300, generator=gen(12)) * 3).bfloat16()
     w = torch.randn(300, generator=gen(13))
-    for weight, hf in ((w, True), (None, False), (w.bfloat16(), False)):
+    for weight, hf in ((w, True), (None, False), (None, True), (w.bfloat16(), False)):
         a, e = both(lambda: v4k.rms_norm(x, weight, hf_rounding=hf))
         assert_close(a, e, TOL)
 

@@ -16,8 +16,12 @@ using namespace v4k_cpu::aten;
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
     const Tensor& x, const Tensor& wkv, const Tensor& wgate, const Tensor& ape, const Tensor& norm_weight,
     const Tensor& freqs, const Tensor& pending_kv, const Tensor& pending_score, const Tensor& prev_kv,
-    const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio, c10::string_view quant, double eps) {
+    const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio, c10::string_view quant, double eps,
+    bool hf_rounding) {
   const char* op = "compress_kv";
+  // the [HF] roundings to x.dtype are exact for fp32 x, where they equal the default computation
+  TORCH_CHECK(!hf_rounding || x.scalar_type() == at::kFloat,
+              "v4k_cpu::compress_kv: hf_rounding is implemented for float32 x only, got ", x.scalar_type());
   for (auto* p : {&x, &wkv, &wgate, &ape, &norm_weight, &freqs, &pending_kv, &pending_score, &prev_kv, &prev_score,
                   &n_tokens})
     check_cpu(*p, op, "inputs");

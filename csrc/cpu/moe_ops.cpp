@@ -50,7 +50,10 @@ OwnedWeight expert_weight(const Tensor& w, const c10::optional<Tensor>& w_s, con
 Tensor moe_experts(const Tensor& x, const Tensor& topk_weights, const Tensor& topk_ids, const Tensor& w1,
                    const c10::optional<Tensor>& w1_s, const Tensor& w3, const c10::optional<Tensor>& w3_s,
                    const Tensor& w2, const c10::optional<Tensor>& w2_s, double swiglu_limit, bool weight_after_w2,
-                   at::ScalarType out_dtype) {
+                   at::ScalarType out_dtype, bool hf_rounding) {
+  // the [HF] roundings are exact for fp32 activations and output, where they equal the default
+  TORCH_CHECK(!hf_rounding || (x.scalar_type() == at::kFloat && out_dtype == at::kFloat),
+              "v4k_cpu::moe_experts: hf_rounding is implemented for float32 x and output only");
   for (auto* p : {&x, &topk_weights, &topk_ids}) check_cpu(*p, "moe_experts", "inputs");
   TORCH_CHECK(x.dim() == 2, "v4k_cpu::moe_experts: x must be [T, D], got ", x.sizes());
   const int64_t T = x.size(0), D = x.size(1);

@@ -176,7 +176,7 @@ class CompressorState:
 
 
 def _fake_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score,
-                      n_tokens, ratio, quant, eps):
+                      n_tokens, ratio, quant, eps, hf_rounding):
     b, s = x.shape[0], x.shape[1]
     return (
         x.new_empty((b, (s + ratio - 1) // ratio, norm_weight.shape[0])),
@@ -210,8 +210,9 @@ def _check_no_overlap(op: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score,
-                       n_tokens, ratio, quant, eps) -> None:
+                       n_tokens, ratio, quant, eps, hf_rounding) -> None:
     op = "compress_kv"
+    C.check_bool(op, "hf_rounding", hf_rounding)
     C.check_int(op, "ratio", ratio, minimum=1)
     if not isinstance(quant, str):
         raise TypeError(f"{op}: quant must be a str, got {type(quant).__name__}")
@@ -273,7 +274,8 @@ _compress_kv = declare_op(
     "compressor",
     "compress_kv",
     "(Tensor x, Tensor wkv, Tensor wgate, Tensor ape, Tensor norm_weight, Tensor freqs, Tensor pending_kv, "
-    "Tensor pending_score, Tensor prev_kv, Tensor prev_score, Tensor n_tokens, int ratio, str quant, float eps) "
+    "Tensor pending_score, Tensor prev_kv, Tensor prev_score, Tensor n_tokens, int ratio, str quant, float eps, "
+    "bool hf_rounding) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _fake_compress_kv,
     check=_check_compress_kv,
@@ -292,6 +294,7 @@ def compress_kv(
     ratio: int,
     quant: str = "fp8",
     eps: float = 1e-6,
+    hf_rounding: bool = False,
     overlap: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed ``S`` more tokens per sequence to the KV compressor; emit the entries of every window
@@ -328,6 +331,13 @@ def compress_kv(
     ratio : compression ratio (4 = CSA, 128 = HCA in V4; any ratio >= 1)
     quant : "fp8" (needs ``(hd − r) % 64 == 0``), "fp4" (needs ``hd`` a power of two >= 32) or "none"
     eps : RMSNorm epsilon (1e-6 in V4)
+    hf_rounding : [HF] pooling of transformers 5.23.0 (``DeepseekV4CSACompressor`` /
+        ``DeepseekV4HCACompressor`` / the indexer's compressor; use with ``quant="none"``): the
+        kv and gate projections are rounded to ``x.dtype`` (HF's ``nn.Linear`` outputs), the
+        fp32 softmax weights are rounded to ``x.dtype``, each ``kv·weight`` product is rounded to
+        ``x.dtype`` and the sum over the window's slots is rounded once to ``x.dtype``; RoPE uses
+        cos/sin tables rounded to ``x.dtype``. Same as the default for fp32 ``x`` (up to the
+        softmax's fp32 rounding).
     overlap : overlapping (CSA) windows; default ``ratio == 4``. Must match the ``state``.
 
     Returns
@@ -366,14 +376,14 @@ def compress_kv(
     C.check_bool("compress_kv", "overlap", overlap)
     if state.overlap != overlap:
         raise ValueError(f"compress_kv: state was created with overlap={state.overlap}, got overlap={overlap} (ratio {ratio})")
-    _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, *state.tensors(), ratio, quant, eps)
+    _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, *state.tensors(), ratio, quant, eps, hf_rounding)
     bsz, s = x.shape[0], x.shape[1]
     hd = norm_weight.shape[0]
     if bsz == 0 or s == 0:
         return (x.new_zeros((bsz, (s + ratio - 1) // ratio, hd)), torch.zeros(bsz, dtype=torch.int32, device=x.device))
     out = _compress_kv(
         x.contiguous(), wkv.contiguous(), wgate.contiguous(), ape.contiguous(), norm_weight.contiguous(),
-        freqs.contiguous(), *(t.contiguous() for t in state.tensors()), ratio, quant, float(eps),
+        freqs.contiguous(), *(t.contiguous() for t in state.tensors()), ratio, quant, float(eps), hf_rounding,
     )
     entries, num_new = out[0], out[1]
     for name, dst, src in zip(("pending_kv", "pending_score", "prev_kv", "prev_score", "n_tokens"), state.tensors(), out[2:]):

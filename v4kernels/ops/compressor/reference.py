@@ -46,6 +46,13 @@ def project_tokens(x: torch.Tensor, start: int, w_t: torch.Tensor) -> torch.Tens
     return out
 
 
+def pool_window_hf(kv: torch.Tensor, score: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[HF] pooling (transformers 5.23.0): ``dtype(Σ dtype(kv · dtype(softmax_fp32(score))))``,
+    returned as fp32 holding a ``dtype`` value."""
+    p = torch.softmax(score, dim=0).to(dtype)
+    return (kv.to(dtype) * p).sum(dim=0).float()
+
+
 def pool_window(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """Channel-wise softmax pooling over the slots of one window (SPEC §6.3): ``[slots, hd] -> [hd]``.
 
@@ -66,6 +73,7 @@ def finish_entry(
     quant: str,
     eps: float,
     dtype: torch.dtype,
+    round_tables: bool = False,
 ) -> torch.Tensor:
     """Pooled fp32 ``c [hd]`` -> cache entry ``[hd]`` in ``dtype`` (SPEC §6.3, after pooling)."""
     from ..quant.reference import act_quant_roundtrip, fp4_act_roundtrip, hadamard_transform
@@ -75,7 +83,7 @@ def finish_entry(
     r = 2 * freqs.shape[0]
     e = rms_norm(c.to(dtype).view(1, 1, hd), norm_weight, eps, False)
     pos = torch.full((1, 1), position, dtype=torch.int64, device=c.device)
-    e = apply_rope(e, pos, freqs, False)  # trailing r dims, position j·ratio (SPEC §3.3)
+    e = apply_rope(e, pos, freqs, False, round_tables)  # trailing r dims, position j·ratio (SPEC §3.3)
     if quant == "fp8":
         # main compressor: FP8 QAT simulation, block 64, pow2 scales, nope dims only (SPEC §4.3)
         e = torch.cat((act_quant_roundtrip(e[..., : hd - r].contiguous(), 64, True), e[..., hd - r :]), dim=-1)
@@ -101,6 +109,7 @@ def compress_kv(
     ratio: int,
     quant: str,
     eps: float,
+    hf_rounding: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     bsz, s, _ = x.shape
     hd = norm_weight.shape[0]
@@ -123,6 +132,9 @@ def compress_kv(
 
     for b, n0 in enumerate(n_tokens.tolist()):
         proj = project_tokens(x[b], n0, w_t)
+        if hf_rounding:
+            # [HF]: the kv / gate projections are nn.Linear outputs in the model dtype
+            proj = proj.to(x.dtype).float()
         kv_new = proj[:, :width]
         slot_pos = torch.arange(n0, n0 + s, device=dev) % m
         score_new = proj[:, width:] + apef[slot_pos]  # gate logits carry the in-window bias (SPEC §6.2)
@@ -148,8 +160,8 @@ def compress_kv(
             else:
                 kv_w = torch.cat((cur_kv,), dim=0)
                 sc_w = torch.cat((cur_score,), dim=0)
-            c = pool_window(kv_w, sc_w)
-            entries[b, w] = finish_entry(c, j * m, norm_weight, freqs, quant, eps, x.dtype)
+            c = pool_window_hf(kv_w, sc_w, x.dtype) if hf_rounding else pool_window(kv_w, sc_w)
+            entries[b, w] = finish_entry(c, j * m, norm_weight, freqs, quant, eps, x.dtype, hf_rounding)
         num_new[b] = n_win
         rem = k + s - n_win * m
         new_pkv[b, :rem] = tl_kv[n_win * m :]

@@ -327,8 +327,10 @@ def _state_kernel(
 
 def _refusals(x, wkv, wgate, ape, norm_weight, freqs, *rest) -> list[str]:
     hd = norm_weight.shape[0]
-    quant = rest[-2]
+    quant = rest[-3]
     reasons = []
+    if rest[-1] and x.dtype != torch.float32:
+        reasons.append(f"triton compress_kv implements hf_rounding only for float32 x, got {x.dtype}")
     if hd % 2:
         reasons.append(f"triton compress_kv processes head_dim as (even, odd) lanes: head_dim must be even, got {hd}")
     if quant == "fp4" and hd > HADAMARD_MAX:
@@ -356,7 +358,9 @@ def compress_kv(
     ratio: int,
     quant: str,
     eps: float,
+    hf_rounding: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # hf_rounding is only accepted for fp32 x (see _refusals), where it is the default math
     bsz, s, d = x.shape
     hd = norm_weight.shape[0]
     r = 2 * freqs.shape[0]

@@ -20,12 +20,17 @@ _WEIGHT_DTYPES = (*C.FLOAT_DTYPES, torch.float8_e4m3fn, *_FP4_DTYPES)
 
 
 # ----------------------------------------------------------------------------- fake kernels
-def _fake_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps):
+def _fake_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing):
     t = x.shape[0]
-    return x.new_empty((t, topk), dtype=torch.float32), x.new_empty((t, topk), dtype=torch.int32)
+    return (
+        x.new_empty((t, topk), dtype=torch.float32),
+        x.new_empty((t, topk), dtype=torch.int32),
+        x.new_empty((t, weight.shape[0]), dtype=x.dtype if hf_routing else torch.float32),
+    )
 
 
-def _fake_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype):
+def _fake_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype,
+                  hf_rounding):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
@@ -103,7 +108,7 @@ def _check_ffn_options(op: str, swiglu_limit: object, out_dtype: object, default
     return lim, C.check_out_dtype(op, out_dtype, default)
 
 
-def _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps) -> None:
+def _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing) -> None:
     op = "moe_gate"
     C.check_tensor(op, "x", x, ndim=2, dtypes=C.FLOAT_DTYPES)
     t, d = x.shape
@@ -116,6 +121,7 @@ def _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_e
     rs = C.check_real(op, "route_scale", route_scale)
     C.check_value(op, "route_scale", route_scale, math.isfinite(rs) and rs > 0, "a finite float > 0")
     C.check_bool(op, "hf_eps", hf_eps)
+    C.check_bool(op, "hf_routing", hf_routing)
     if bias is not None:
         C.check_tensor(op, "bias", bias, dtypes=C.FLOAT_DTYPES, shape=[n_experts])
     if (tid2eid is None) != (token_ids is None):
@@ -136,7 +142,7 @@ def _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_e
 
 
 def _check_moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2,
-                       out_dtype) -> None:
+                       out_dtype, hf_rounding) -> None:
     op = "moe_experts"
     C.check_tensor(op, "x", x, ndim=2, dtypes=C.FLOAT_DTYPES)
     t, d = x.shape
@@ -149,6 +155,9 @@ def _check_moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, 
     _check_weight(op, "w2", w2, "w2_scale", w2_s, ("E", "D", "I"), (e, d, i))
     _check_ffn_options(op, swiglu_limit, out_dtype, x.dtype)
     C.check_bool(op, "weight_after_w2", weight_after_w2)
+    C.check_bool(op, "hf_rounding", hf_rounding)
+    if hf_rounding and not weight_after_w2:
+        raise ValueError(f"{op}: hf_rounding=True is the [HF] expert, which weights after w2: pass weight_after_w2=True")
     C.check_same_device(
         op, x=x, topk_weights=topk_weights, topk_ids=topk_ids, w1=w1, w1_scale=w1_s,
         w3=w3, w3_scale=w3_s, w2=w2, w2_scale=w2_s,
@@ -160,7 +169,7 @@ _moe_gate = declare_op(
     "moe",
     "moe_gate",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? tid2eid, Tensor? token_ids, int topk, float route_scale, "
-    "bool hf_eps) -> (Tensor, Tensor)",
+    "bool hf_eps, bool hf_routing) -> (Tensor, Tensor, Tensor)",
     _fake_gate,
     check=_check_moe_gate,
 )
@@ -168,7 +177,7 @@ _moe_experts = declare_op(
     "moe",
     "moe_experts",
     "(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor w1, Tensor? w1_s, Tensor w3, Tensor? w3_s, Tensor w2, "
-    "Tensor? w2_s, float swiglu_limit, bool weight_after_w2, ScalarType out_dtype) -> Tensor",
+    "Tensor? w2_s, float swiglu_limit, bool weight_after_w2, ScalarType out_dtype, bool hf_rounding) -> Tensor",
     _fake_experts,
     check=_check_moe_experts,
 )
@@ -185,7 +194,9 @@ def moe_gate(
     tid2eid: torch.Tensor | None = None,
     token_ids: torch.Tensor | None = None,
     hf_eps: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hf_routing: bool = False,
+    return_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-V4 MoE router: sqrt-softplus scores, top-k with a selection-only bias, or hash
     routing (SPEC §11.1, §11.2).
 
@@ -206,10 +217,17 @@ def moe_gate(
         ``token_ids`` and excludes ``bias``.
     token_ids : [T] int32/int64 vocabulary ids in [0, V) (hash routing only)
     hf_eps : [HF] variant: add 1e-20 to the normalisation denominator (SPEC §15 #6)
+    hf_routing : [HF] variant of transformers 5.23.0 (``DeepseekV4TopKRouter`` /
+        ``DeepseekV4HashRouter``, use with ``hf_eps=True``): the logits, ``softplus``, ``sqrt``,
+        the sum of the selected scores, the division and the ``route_scale`` product are each
+        rounded to ``x.dtype`` (selection ``scores + bias`` in fp32). Same as the default for fp32
+        ``x``. Ties in the selection still go to the lower id (HF's ``torch.topk`` leaves them open).
+    return_logits : also return the router logits ``x @ weightᵀ`` [T, E] (fp32; ``x.dtype`` with
+        ``hf_routing``), as HF's routers do
 
     Returns
     -------
-    (weights [T, topk] fp32, ids [T, topk] int32)
+    (weights [T, topk] fp32, ids [T, topk] int32), plus logits [T, E] with ``return_logits``
 
     Notes
     -----
@@ -225,20 +243,24 @@ def moe_gate(
     >>> weights.shape, ids.dtype, bool(torch.allclose(weights.sum(-1), torch.tensor(1.5)))
     (torch.Size([3, 4]), torch.int32, True)
     """
-    _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps)
+    C.check_bool("moe_gate", "return_logits", return_logits)
+    _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing)
     t, rs = x.shape[0], float(route_scale)
     if t == 0:
-        return _fake_gate(x, weight, bias, tid2eid, token_ids, topk, rs, hf_eps)
-    return _moe_gate(
-        x.contiguous(),
-        weight.contiguous(),
-        None if bias is None else bias.float().contiguous(),
-        _opt(tid2eid),
-        _opt(token_ids),
-        topk,
-        rs,
-        hf_eps,
-    )
+        w, ids, logits = _fake_gate(x, weight, bias, tid2eid, token_ids, topk, rs, hf_eps, hf_routing)
+    else:
+        w, ids, logits = _moe_gate(
+            x.contiguous(),
+            weight.contiguous(),
+            None if bias is None else bias.float().contiguous(),
+            _opt(tid2eid),
+            _opt(token_ids),
+            topk,
+            rs,
+            hf_eps,
+            hf_routing,
+        )
+    return (w, ids, logits) if return_logits else (w, ids)
 
 
 # ----------------------------------------------------------------------------- experts
@@ -256,6 +278,7 @@ def moe_experts(
     swiglu_limit: float = 10.0,
     weight_after_w2: bool = False,
     out_dtype: torch.dtype | None = None,
+    hf_rounding: bool = False,
 ) -> torch.Tensor:
     """Routed experts: permute → per-expert SwiGLU-clamp FFN → weight → unpermute-reduce (SPEC §11.3–11.4).
 
@@ -287,6 +310,11 @@ def moe_experts(
         instead of ``h`` before it; differs from [OFF] only through w2's FP8 input rounding
     out_dtype : output dtype, default ``x.dtype``; fp32 lets the caller add the shared expert
         before a single rounding
+    hf_rounding : [HF] variant of transformers 5.23.0 (``DeepseekV4Experts`` eager forward;
+        needs ``weight_after_w2=True``): ``silu(g)`` and ``silu(g)·u`` are each rounded to
+        ``x.dtype``, ``y·w`` is rounded to ``x.dtype``, and the sum over a token's experts runs
+        in ``out_dtype`` in ascending expert id (HF: ``out_dtype = x.dtype``, a bf16 sum).
+        Same as the default for fp32 ``x`` and output, up to the order of the fp32 sum.
 
     Returns
     -------
@@ -310,7 +338,7 @@ def moe_experts(
     """
     out_dtype = C.check_out_dtype("moe_experts", out_dtype, x.dtype if isinstance(x, torch.Tensor) else torch.float32)
     _check_moe_experts(x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_scale, swiglu_limit,
-                       weight_after_w2, out_dtype)
+                       weight_after_w2, out_dtype, hf_rounding)
     (t, d), k, i, lim = x.shape, topk_ids.shape[1], w1.shape[1], float(swiglu_limit)
     if t == 0 or d == 0:
         return torch.empty((t, d), dtype=out_dtype, device=x.device)
@@ -326,6 +354,7 @@ def moe_experts(
         lim,
         weight_after_w2,
         out_dtype,
+        hf_rounding,
     )
 
 
@@ -395,6 +424,7 @@ def shared_expert(
         lim,
         False,
         out_dtype,
+        False,
     )
 
 

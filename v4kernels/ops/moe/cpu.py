@@ -20,8 +20,11 @@ LIMITS = native_limits()
 def _moe_experts_refusals(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
                           w1_s: torch.Tensor | None, w3: torch.Tensor, w3_s: torch.Tensor | None, w2: torch.Tensor,
                           w2_s: torch.Tensor | None, swiglu_limit: float, weight_after_w2: bool,
-                          out_dtype: torch.dtype) -> list[str]:
+                          out_dtype: torch.dtype, hf_rounding: bool) -> list[str]:
     reasons = []
+    if hf_rounding and (x.dtype != torch.float32 or out_dtype != torch.float32):
+        reasons.append(f"cpu moe_experts implements hf_rounding only for float32 x and output (where it equals the "
+                       f"default up to the order of the fp32 sum), got {x.dtype} -> {out_dtype}")
     if topk_ids.dtype != torch.int32:
         reasons.append(f"cpu moe_experts needs int32 topk_ids, got {topk_ids.dtype}")
     most = LIMITS["moe_experts.max_topk"]

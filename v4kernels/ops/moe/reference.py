@@ -82,8 +82,12 @@ def moe_gate(
     topk: int,
     route_scale: float,
     hf_eps: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    s = gate_scores(x, weight)
+    hf_routing: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if hf_routing:
+        return _hf_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale)
+    logits = x.float() @ weight.float().T
+    s = F.softplus(logits).sqrt()
     if tid2eid is not None:
         assert token_ids is not None
         ids = tid2eid[token_ids.long()].long()
@@ -96,7 +100,35 @@ def moe_gate(
         denom = denom + 1e-20  # [HF] variant, SPEC §15 #6
     w = w / denom
     w = w * route_scale
-    return w, ids.to(torch.int32)
+    return w, ids.to(torch.int32), logits
+
+
+def _hf_gate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tid2eid: torch.Tensor | None,
+    token_ids: torch.Tensor | None,
+    topk: int,
+    route_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[HF] router of transformers 5.23.0 (``DeepseekV4TopKRouter`` / ``DeepseekV4HashRouter``):
+    every step is rounded to the activation dtype ``dt`` — logits, softplus, sqrt, the sum of the
+    selected scores (+1e-20), the division and the ``route_scale`` product; only the selection
+    ``scores + bias`` is fp32 (the bias is an fp32 buffer)."""
+    dt = x.dtype
+    logits = (x.float() @ weight.float().T).to(dt)
+    s = F.softplus(logits.float()).to(dt).float().sqrt().to(dt)
+    if tid2eid is not None:
+        assert token_ids is not None
+        ids = tid2eid[token_ids.long()].long()
+    else:
+        ids = select_topk(s.float() if bias is None else s.float() + bias.float(), topk)
+    w = s.gather(1, ids)
+    denom = (w.float().sum(dim=-1, keepdim=True).to(dt).float() + 1e-20).to(dt)
+    w = (w.float() / denom.float()).to(dt)
+    w = (w.float() * route_scale).to(dt)
+    return w.float(), ids.to(torch.int32), logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +150,10 @@ def moe_experts(
     swiglu_limit: float,
     weight_after_w2: bool,
     out_dtype: torch.dtype,
+    hf_rounding: bool,
 ) -> torch.Tensor:
+    if hf_rounding:
+        return _hf_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, out_dtype)
     t, d = x.shape
     k = topk_ids.shape[1]
     n_experts = w1.shape[0]
@@ -156,6 +191,41 @@ def moe_experts(
     # un-permute and reduce the k rows of each token in fp32 (SPEC §11.4)
     out.index_add_(0, tok, ys)
     return out.to(out_dtype)
+
+
+def _hf_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: torch.Tensor,
+    w1_s: torch.Tensor | None,
+    w3: torch.Tensor,
+    w3_s: torch.Tensor | None,
+    w2: torch.Tensor,
+    w2_s: torch.Tensor | None,
+    swiglu_limit: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """[HF] experts of transformers 5.23.0 (``DeepseekV4Experts`` eager): per expert in ascending
+    id, ``silu(min(g, L))`` and its product with the clamped ``u`` each rounded to ``dt = x.dtype``,
+    ``y = linear(h, w2)`` times the routing weight rounded to ``dt``, and the running sum over
+    experts kept in ``out_dtype`` (``dt`` in HF: a bf16 model sums its experts in bf16)."""
+    dt = x.dtype
+    t, d = x.shape
+    out = torch.zeros(t, d, dtype=out_dtype, device=x.device)
+    wts = topk_weights.to(dt)
+    for e in torch.unique(topk_ids[topk_ids >= 0]).tolist():
+        tok, slot = torch.where(topk_ids == e)
+        xe = x[tok]
+        g = expert_linear(xe, w1[e], None if w1_s is None else w1_s[e])
+        u = expert_linear(xe, w3[e], None if w3_s is None else w3_s[e])
+        if swiglu_limit > 0:
+            g, u = g.clamp(max=swiglu_limit), u.clamp(-swiglu_limit, swiglu_limit)
+        h = (F.silu(g.float()).to(dt).float() * u.float()).to(dt)
+        y = expert_linear(h, w2[e], None if w2_s is None else w2_s[e])
+        y = (y.float() * wts[tok, slot, None].float()).to(dt)
+        out.index_add_(0, tok, y.to(out_dtype))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def _log1p(y):
 
 @triton.jit
 def _moe_gate_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, t2e_ptr, tid_ptr, ow_ptr, oi_ptr, T, D, E, route_scale,
+    x_ptr, w_ptr, b_ptr, t2e_ptr, tid_ptr, ow_ptr, oi_ptr, ol_ptr, T, D, E, route_scale,
     TOPK: tl.constexpr, TKP: tl.constexpr, EP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HASH: tl.constexpr, HF_EPS: tl.constexpr, DOT_BF16: tl.constexpr,
 ):
@@ -57,6 +57,8 @@ def _moe_gate_fwd_kernel(
             acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), out_dtype=tl.float32)
         else:
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    # router logits out (fp32)
+    tl.store(ol_ptr + t[:, None].to(tl.int64) * E + e[None, :], acc, mask=tm[:, None] & em[None, :])
     # sqrt(softplus(l)), softplus with torch's threshold 20
     s = tl.sqrt_rn(tl.where(acc > 20.0, acc, _log1p(tl.exp(tl.minimum(acc, 20.0)))))
     c = tl.arange(0, TKP)
@@ -98,25 +100,30 @@ _GATE_MAX_E = 1024
 
 @register_kernel(
     "triton", "moe_gate",
-    refusals=lambda x, weight, *a: [] if weight.shape[0] <= _GATE_MAX_E
-    else [f"triton moe_gate holds all experts in one tile: E must be <= {_GATE_MAX_E}, got {weight.shape[0]}"],
+    refusals=lambda x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing: (
+        ([] if weight.shape[0] <= _GATE_MAX_E
+         else [f"triton moe_gate holds all experts in one tile: E must be <= {_GATE_MAX_E}, got {weight.shape[0]}"])
+        + ([] if not hf_routing or x.dtype == torch.float32
+           else [f"triton moe_gate implements hf_routing (x.dtype rounding) only for float32 x, got {x.dtype}"])),
 )
-def moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps):
+def moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing):
+    # hf_routing with fp32 x: every rounding to x.dtype is exact, so it is the fp32 path below
     t, d = x.shape
     e = weight.shape[0]
     ow = torch.empty((t, topk), dtype=torch.float32, device=x.device)
     oi = torch.empty((t, topk), dtype=torch.int32, device=x.device)
+    ol = torch.empty((t, e), dtype=torch.float32, device=x.device)
     if t == 0:
-        return ow, oi
+        return ow, oi, ol
     bt = 16
     bk = min(U.block_config("moe_gate", x.device)["BLOCK_K"], max(16, U.next_pow2(d)))
     dot16 = U.dot_bf16(x.device) and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
     _moe_gate_fwd_kernel[(U.cdiv(t, bt),)](
         x, weight, bias.float().contiguous() if bias is not None else x, tid2eid.contiguous() if tid2eid is not None else x,
-        token_ids.contiguous() if token_ids is not None else x, ow, oi, t, d, e, route_scale,
+        token_ids.contiguous() if token_ids is not None else x, ow, oi, ol, t, d, e, route_scale,
         TOPK=topk, TKP=max(2, U.next_pow2(topk)), EP=max(16, U.next_pow2(e)), BLOCK_T=bt, BLOCK_K=bk,
         HAS_BIAS=bias is not None, HASH=tid2eid is not None, HF_EPS=hf_eps, DOT_BF16=dot16)
-    return ow, oi
+    return ow, oi, ol
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +264,9 @@ def _wfmt(w: torch.Tensor) -> int:
     return 0
 
 
-def _experts_refusals(x, tw, ids, w1, w1_s, w3, w3_s, w2, w2_s, *rest) -> list[str]:
+def _experts_refusals(x, tw, ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype, hf_rounding) -> list[str]:
+    if hf_rounding and (x.dtype != torch.float32 or out_dtype != torch.float32):
+        return [f"triton moe_experts implements hf_rounding only for float32 x and output, got {x.dtype} -> {out_dtype}"]
     fm = {_wfmt(w1), _wfmt(w3), _wfmt(w2)}
     if len(fm) != 1:
         return ["triton moe_experts needs w1, w3 and w2 in one storage format"]
@@ -267,7 +276,9 @@ def _experts_refusals(x, tw, ids, w1, w1_s, w3, w3_s, w2, w2_s, *rest) -> list[s
 
 
 @register_kernel("triton", "moe_experts", refusals=_experts_refusals)
-def moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype):
+def moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype,
+                hf_rounding):
+    # hf_rounding with fp32 x and output: every intermediate rounding is exact (same as the default)
     t, d = x.shape
     k = topk_ids.shape[1]
     n_exp, inter = w1.shape[0], w1.shape[1]

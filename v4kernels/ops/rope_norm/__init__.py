@@ -75,7 +75,7 @@ def v4_rope_frequencies(compressed: bool, rope_dim: int = 64, device: torch.devi
     return rope_frequencies(rope_dim, 10000.0, device=device)
 
 
-def _fake_rope(x, positions, freqs, inverse):
+def _fake_rope(x, positions, freqs, inverse, round_tables):
     return torch.empty_like(x)
 
 
@@ -83,7 +83,7 @@ def _fake_rms(x, weight, eps, hf_rounding):
     return torch.empty_like(x)
 
 
-def _check_apply_rope(x, positions, freqs, inverse) -> None:
+def _check_apply_rope(x, positions, freqs, inverse, round_tables) -> None:
     op = "apply_rope"
     C.check_tensor(op, "x", x, dtypes=C.FLOAT_DTYPES)
     if x.dim() < 3:
@@ -95,6 +95,7 @@ def _check_apply_rope(x, positions, freqs, inverse) -> None:
     C.check_tensor(op, "positions", positions, ndim=(1, 2), dtypes=C.INDEX_DTYPES)
     C.check_tensor(op, "positions", positions, shape=[x.shape[0], x.shape[1]])
     C.check_bool(op, "inverse", inverse)
+    C.check_bool(op, "round_tables", round_tables)
     C.check_same_device(op, x=x, positions=positions, freqs=freqs)
     if C.value_checks_enabled(positions) and positions.numel() and int(positions.min()) < 0:
         raise ValueError(f"{op}: positions must be >= 0, got min {int(positions.min())}")
@@ -113,18 +114,25 @@ def _check_rms_norm(x, weight, eps, hf_rounding) -> None:
     C.check_bool(op, "hf_rounding", hf_rounding)
 
 
-_apply_rope = declare_op("rope_norm", "apply_rope", "(Tensor x, Tensor positions, Tensor freqs, bool inverse) -> Tensor",
+_apply_rope = declare_op("rope_norm", "apply_rope", "(Tensor x, Tensor positions, Tensor freqs, bool inverse, bool round_tables) -> Tensor",
                          _fake_rope, check=_check_apply_rope)
 _rms_norm = declare_op("rope_norm", "rms_norm", "(Tensor x, Tensor? weight, float eps, bool hf_rounding) -> Tensor",
                        _fake_rms, check=_check_rms_norm)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool = False, *, round_tables: bool = False
+) -> torch.Tensor:
     """Rotate the trailing ``2·len(freqs)`` dims of ``x`` as adjacent (interleaved) pairs (SPEC §3.1).
 
     ``(a, b) → (a cosφ − b sinφ, b cosφ + a sinφ)`` with ``φ = fp32(p)·fp32(θ'_i)``; ``inverse``
     uses ``−φ`` (the conjugate, applied to the attention output, SPEC §9.3). Computed in fp32 and
     rounded once; the leading (nope) dims are returned unchanged. Out of place.
+
+    ``round_tables=True`` is the [HF] variant (checked against transformers 5.23.0,
+    ``DeepseekV4RotaryEmbedding`` + ``apply_rotary_pos_emb``): ``cos φ`` and ``sin φ`` are first
+    rounded to ``x.dtype`` (the model dtype), then the rotation runs in fp32 and is rounded once.
+    Bit-identical to the default for fp32 ``x``.
 
     Parameters
     ----------
@@ -132,6 +140,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, in
     positions : [B, S] or [S] int32/int64 absolute positions (>= 0)
     freqs : [r/2] fp32 from :func:`rope_frequencies`, ``r <= L``
     inverse : rotate by ``−φ``
+    round_tables : [HF] cos/sin tables rounded to ``x.dtype`` first
 
     Returns
     -------
@@ -147,18 +156,26 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, in
     if isinstance(positions, torch.Tensor) and positions.dim() == 1 and isinstance(x, torch.Tensor) and x.dim() >= 3:
         C.check_tensor("apply_rope", "positions", positions, shape=[x.shape[1]])
         positions = positions.unsqueeze(0).expand(x.shape[0], -1)
-    _check_apply_rope(x, positions, freqs, inverse)
+    _check_apply_rope(x, positions, freqs, inverse, round_tables)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _apply_rope(x.contiguous(), positions.contiguous(), freqs.contiguous(), inverse)
+    return _apply_rope(x.contiguous(), positions.contiguous(), freqs.contiguous(), inverse, round_tables)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, hf_rounding: bool = False) -> torch.Tensor:
     """RMSNorm over the last axis (SPEC §5.1): ``bf16(w ⊙ (x · rsqrt(mean(x²) + eps)))`` in fp32.
 
-    ``weight=None`` is the unweighted per-head norm used on q. ``hf_rounding=True`` selects the
-    [HF] rounding order (normalised value rounded to ``x.dtype`` before the weight multiply,
-    SPEC §15 #10/#11).
+    ``weight=None`` is the unweighted per-head norm used on q.
+
+    ``hf_rounding=True`` selects the rounding of transformers 5.23.0 (``DeepseekV4RMSNorm`` /
+    ``DeepseekV4UnweightedRMSNorm``):
+
+    * weighted: ``dtype(w ⊙ (fp32(x) · rsqrt(mean(x²) + eps)))`` with the weight multiply in fp32
+      (V4 keeps norm weights in fp32) — identical to the default;
+    * unweighted: ``dtype(x · dtype(rsqrt(mean(fp32(x)²) + eps)))`` — the rsqrt factor is rounded
+      to ``x.dtype`` and the product rounded again (differs from the default for bf16/fp16 ``x``).
+
+    Both settings agree for fp32 ``x``.
 
     Parameters
     ----------

@@ -12,13 +12,16 @@ def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 @register_kernel("reference", "apply_rope")
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool, round_tables: bool) -> torch.Tensor:
     # x [B, S, *mid, L]; positions [B, S]; rotate the trailing 2*len(freqs) dims as adjacent pairs.
     r = 2 * freqs.shape[0]
     b, s = x.shape[0], x.shape[1]
     ang = rope_angles(positions, freqs)  # [B, S, r/2]
     ang = ang.reshape(b, s, *([1] * (x.dim() - 3)), r // 2)
     cos, sin = torch.cos(ang), torch.sin(ang)
+    if round_tables:
+        # [HF] (transformers 5.23.0): the cos/sin tables are cast to the model dtype first
+        cos, sin = cos.to(x.dtype).float(), sin.to(x.dtype).float()
     if inverse:
         sin = -sin
     xf = x[..., x.shape[-1] - r :].float()
@@ -33,13 +36,12 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, in
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, hf_rounding: bool) -> torch.Tensor:
     xf = x.float()
     inv = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    if hf_rounding:
-        # [HF]: normalised value rounded to the input dtype first, then multiplied by the weight
-        # in the weight's dtype (SPEC §15 #10, #11).
-        xn = (xf * inv).to(x.dtype)
-        if weight is None:
-            return xn
-        return (weight.to(x.dtype) * xn).to(x.dtype)
+    if hf_rounding and weight is None:
+        # [HF] unweighted norm (transformers 5.23.0 DeepseekV4UnweightedRMSNorm):
+        # x * rsqrt(...).to(x.dtype), i.e. the factor and the product are each rounded to x.dtype.
+        return (xf * inv.to(x.dtype).float()).to(x.dtype)
+    # The weighted [HF] norm (DeepseekV4RMSNorm: fp32 weight times the fp32 normalised value,
+    # cast once) is the default order.
     y = xf * inv
     if weight is not None:
         y = y * weight.float()

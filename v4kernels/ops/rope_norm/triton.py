@@ -14,6 +14,7 @@ from ...triton_utils import round_to_out, store_out
 def _apply_rope_fwd_kernel(
     x_ptr, xraw_ptr, yraw_ptr, y_ptr, pos_ptr, f_ptr, n_rows, mid, L, R,
     BLOCK_R: tl.constexpr, BLOCK_NOPE: tl.constexpr, HALF: tl.constexpr, INVERSE: tl.constexpr, OUT_KIND: tl.constexpr,
+    ROUND_TABLES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -33,6 +34,10 @@ def _apply_rope_fwd_kernel(
     ang = p[:, None] * f[None, :]
     cs = tl.cos(ang)
     sn = tl.sin(ang)
+    if ROUND_TABLES:
+        # [HF] (transformers 5.23.0): tables rounded to the model dtype before the fp32 rotation
+        cs = round_to_out(cs, OUT_KIND)
+        sn = round_to_out(sn, OUT_KIND)
     if INVERSE:
         sn = -sn
     o = rows[:, None] * L + nope + 2 * i[None, :]
@@ -47,7 +52,7 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 
 @register_kernel("triton", "apply_rope")
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool, round_tables: bool) -> torch.Tensor:
     L = x.shape[-1]
     r = 2 * freqs.shape[0]
     n_rows = x.numel() // L
@@ -57,7 +62,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, in
     _apply_rope_fwd_kernel[(U.cdiv(n_rows, br),)](
         x, _raw(x), _raw(y), U.out_view(y), positions, freqs.float().contiguous(), n_rows, mid, L, r,
         BLOCK_R=br, BLOCK_NOPE=min(512, U.next_pow2(max(L - r, 1))), HALF=U.next_pow2(max(r // 2, 1)),
-        INVERSE=inverse, OUT_KIND=U.out_kind(x.dtype))
+        INVERSE=inverse, OUT_KIND=U.out_kind(x.dtype), ROUND_TABLES=round_tables)
     return y
 
 
@@ -77,11 +82,11 @@ def _rms_norm_fwd_kernel(
     y = x * inv[:, None]
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-        if HF:
-            # [HF]: round the normalised value, then multiply by the weight in x's dtype (§15 #11)
-            y = round_to_out(y, OUT_KIND) * round_to_out(w, OUT_KIND)[None, :]
-        else:
-            y = y * w[None, :]
+        # [HF] weighted norm (transformers 5.23.0): fp32 weight multiply, one rounding = default
+        y = y * w[None, :]
+    elif HF:
+        # [HF] unweighted norm (transformers 5.23.0): x * dtype(rsqrt), product rounded
+        y = x * round_to_out(inv, OUT_KIND)[:, None]
     store_out(y_ptr + offs, y, mask, OUT_KIND)
 
 

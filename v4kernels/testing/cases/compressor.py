@@ -116,7 +116,7 @@ def naive_compress_kv(
                 pooled.append(sum(w * v for w, (_, v) in zip(wts, slots)) / den)
             c = torch.tensor(pooled, dtype=torch.float64, device=dev).float().to(x.dtype).view(1, 1, hd)
             c = rms_norm(c, norm_weight, eps, False)
-            c = apply_rope(c, torch.tensor([[j * m]], device=dev), freqs, False)
+            c = apply_rope(c, torch.tensor([[j * m]], device=dev), freqs, False, False)
             if quant == "fp8":
                 c = torch.cat((act_quant_roundtrip(c[..., : hd - r].contiguous(), 64, True), c[..., hd - r :]), -1)
             elif quant == "fp4":

@@ -1,0 +1,207 @@
+"""HF transformers eager vs ``v4kernels.integrations.transformers.apply()`` on the same model.
+
+One decoder layer at DeepSeek-V4-Flash attention widths (hidden 4096, 64 heads x 512, rope 64,
+q_lora 1024, 8 output groups x 1024, indexer 64 x 128, top-k 512, hc_mult 4, window 128, CSA
+ratio 4) with a small MoE (8 experts x 2048) and a small vocabulary, random weights. Every
+measurement runs in its own subprocess (fresh peak RSS):
+
+* prefill wall time and peak RSS above the loaded weights, at ``--prefill`` lengths;
+* decode tokens/s for ``--decode-steps`` greedy steps after a ``--decode-prompt`` prompt;
+* the longest prompt v4kernels pushes through the layer (``--long``, chunked prefill through the
+  cache); HF's limit in ``--budget-gb`` is *estimated* from its measured memory growth
+  (quadratic fit of peak-above-weights vs prompt length), never run.
+
+    nice python bench/hf_compare.py                       # full run (slow on a small CPU)
+    nice python bench/hf_compare.py --prefill 1024 --long 0 --decode-steps 8   # quick look
+
+Prints a markdown table; ``--json PATH`` also writes the raw numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def build(dtype: str):
+    import torch
+    import transformers
+
+    cfg = transformers.DeepseekV4Config(
+        vocab_size=1024, hidden_size=4096, moe_intermediate_size=2048, num_hidden_layers=1,
+        num_attention_heads=64, head_dim=512, q_lora_rank=1024, qk_rope_head_dim=64, n_routed_experts=8,
+        num_experts_per_tok=2, hc_mult=4, sliding_window=128, o_groups=8, o_lora_rank=1024, index_n_heads=64,
+        index_head_dim=128, index_topk=512, layer_types=["compressed_sparse_attention"], mlp_layer_types=["moe"],
+        max_position_embeddings=1 << 20, attn_implementation="eager",
+        rope_parameters={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
+                         "beta_fast": 32, "beta_slow": 1},
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = transformers.DeepseekV4ForCausalLM(cfg).eval()
+        for mod in model.modules():
+            if hasattr(mod, "sinks"):
+                mod.sinks.normal_()
+            if hasattr(mod, "position_bias"):
+                mod.position_bias.normal_(0, 0.5)
+    model.set_experts_implementation("eager")
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_grad_enabled(False)
+    model = build(args.dtype)
+    if args.side == "v4k":
+        from v4kernels.integrations import transformers as v4k_hf
+
+        v4k_hf.apply(model)
+    from transformers.cache_utils import DynamicCache
+
+    base = _rss_gb()
+    ids = torch.randint(0, 1024, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    out: dict = {"side": args.side, "dtype": args.dtype, "mode": args.mode, "tokens": args.tokens, "weights_rss_gb": base}
+    t0 = time.perf_counter()
+    if args.mode == "prefill":
+        if args.chunk:
+            cache = DynamicCache(config=model.config)
+            for a in range(0, args.tokens, args.chunk):
+                model(ids[:, a : a + args.chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        else:
+            model(ids, use_cache=False, logits_to_keep=1)
+        out["seconds"] = time.perf_counter() - t0
+    else:
+        cache = DynamicCache(config=model.config)
+        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        out["prefill_seconds"] = time.perf_counter() - t0
+        tok = logits[:, -1:].argmax(-1)
+        t1 = time.perf_counter()
+        for _ in range(args.steps):
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        out["tokens_per_s"] = args.steps / (time.perf_counter() - t1)
+    out["peak_rss_gb"] = _peak_gb()
+    out["peak_above_weights_gb"] = out["peak_rss_gb"] - base
+    return out
+
+
+def run(side: str, mode: str, tokens: int, dtype: str = "fp32", steps: int = 0, chunk: int = 0, timeout: int = 3600) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--mode", mode, "--tokens", str(tokens),
+           "--dtype", dtype, "--steps", str(steps), "--chunk", str(chunk)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"side": side, "mode": mode, "tokens": tokens, "dtype": dtype, "error": f"timeout {timeout}s"}
+    if p.returncode != 0:
+        return {"side": side, "mode": mode, "tokens": tokens, "dtype": dtype, "error": p.stderr.strip().splitlines()[-1:]}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    print("  ", json.dumps(r), flush=True)
+    return r
+
+
+def hf_limit(points: list[tuple[int, float]], budget: float) -> float | None:
+    """Prompt length at which HF's peak-above-weights reaches ``budget`` GB, from a fit
+    ``a·S² + b·S`` through the measured points (least squares)."""
+    if len(points) < 2:
+        return None
+    import numpy as np
+
+    s = np.array([p[0] for p in points], dtype=float)
+    m = np.array([p[1] for p in points], dtype=float)
+    (a, b), *_ = np.linalg.lstsq(np.stack([s * s, s], 1), m, rcond=None)
+    if a <= 0:
+        return None
+    return float((-b + (b * b + 4 * a * budget) ** 0.5) / (2 * a))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", choices=["hf", "v4k"])
+    ap.add_argument("--mode", default="prefill")
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=0)
+    ap.add_argument("--prefill", type=int, nargs="*", default=[1024, 4096])
+    ap.add_argument("--hf-prefill-max", type=int, default=4096, help="longest prompt HF eager is actually run at")
+    ap.add_argument("--decode-prompt", type=int, default=2048)
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--long", type=int, default=65536, help="long v4kernels prompt (0 = skip)")
+    ap.add_argument("--long-chunk", type=int, default=4096)
+    ap.add_argument("--budget-gb", type=float, default=24.0)
+    ap.add_argument("--bf16", type=int, default=1024, help="prompt for the bf16-vs-fp32 v4kernels check (0 = skip)")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if a.worker:
+        a.side = a.worker
+        print(json.dumps(worker(a)))
+        return
+    rows = []
+    for n in a.prefill:
+        v = run("v4k", "prefill", n)
+        h = run("hf", "prefill", n) if n <= a.hf_prefill_max else {"error": "not run"}
+        rows.append(("prefill", n, h, v))
+    dv = run("v4k", "decode", a.decode_prompt, steps=a.decode_steps)
+    dh = run("hf", "decode", a.decode_prompt, steps=a.decode_steps)
+    extra = {}
+    if a.bf16:
+        extra["bf16"] = run("v4k", "prefill", a.bf16, dtype="bf16")
+    if a.long:
+        extra["long"] = run("v4k", "prefill", a.long, chunk=a.long_chunk, timeout=7200)
+    pts = [(n, h["peak_above_weights_gb"]) for _, n, h, _ in rows if "peak_above_weights_gb" in h]
+    weights = next((h["weights_rss_gb"] for _, _, h, _ in rows if "weights_rss_gb" in h), 0.0)
+    est = hf_limit(pts, a.budget_gb - weights)
+
+    def f(r: dict, k: str, fmt: str = "{:.2f}") -> str:
+        return fmt.format(r[k]) if k in r else r.get("error", "-") if isinstance(r.get("error"), str) else "err"
+
+    print("\n| measurement | HF eager fp32 | v4kernels fp32 | ratio |")
+    print("|---|---|---|---|")
+    for _, n, h, v in rows:
+        ratio = f"{h['seconds'] / v['seconds']:.1f}x faster" if "seconds" in h and "seconds" in v else "-"
+        print(f"| prefill {n} tokens, s | {f(h, 'seconds')} | {f(v, 'seconds')} | {ratio} |")
+        mr = (f"{v['peak_above_weights_gb'] / h['peak_above_weights_gb']:.3f} of HF"
+              if "peak_above_weights_gb" in h and "peak_above_weights_gb" in v and h["peak_above_weights_gb"] > 0 else "-")
+        print(f"| prefill {n}: peak RSS above weights, GB | {f(h, 'peak_above_weights_gb')} | "
+              f"{f(v, 'peak_above_weights_gb')} | {mr} |")
+    ratio = f"{dv['tokens_per_s'] / dh['tokens_per_s']:.1f}x" if "tokens_per_s" in dv and "tokens_per_s" in dh else "-"
+    print(f"| decode after {a.decode_prompt}, tokens/s ({a.decode_steps} steps) | {f(dh, 'tokens_per_s')} | "
+          f"{f(dv, 'tokens_per_s')} | {ratio} |")
+    if "bf16" in extra:
+        b = extra["bf16"]
+        v1 = next((v for _, n, _, v in rows if n == a.bf16), None)
+        cmp = f"{b['seconds'] / v1['seconds']:.2f}x the fp32 time" if v1 and "seconds" in b and "seconds" in v1 else "-"
+        print(f"| v4kernels bf16 prefill {a.bf16}, s | - | {f(b, 'seconds')} | {cmp} |")
+    if "long" in extra:
+        lg = extra["long"]
+        print(f"| longest prompt run, tokens (chunks of {a.long_chunk}) | - | {a.long} in {f(lg, 'seconds', '{:.0f}')} s, "
+              f"peak RSS {f(lg, 'peak_rss_gb')} GB | - |")
+    if est is not None:
+        print(f"| HF eager prompt limit in {a.budget_gb:.0f} GB (estimated from the fit, not run) | ~{est:.0f} | - | - |")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"rows": rows, "decode": [dh, dv], **extra, "hf_limit_estimate": est}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
