@@ -16,6 +16,7 @@ pass/MISS table of the targets:
     python bench/cpu_targets.py --csa64k   # also the 64K-token CSA-layer prefill (peak RSS; minutes)
     python bench/cpu_targets.py --quick    # fewer repetitions
     python bench/cpu_targets.py --list     # the targets and their workloads, without running
+    python bench/cpu_targets.py --only hc_  # targets/info workloads whose name contains "hc_"
 """
 from __future__ import annotations
 
@@ -183,11 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="shorter timing budget per workload")
     ap.add_argument("--csa64k", action="store_true", help="run the 64K-token CSA-layer prefill (slow)")
     ap.add_argument("--list", action="store_true", help="print the targets and their registry workloads, run nothing")
+    ap.add_argument("--only", metavar="TEXT", help="only the targets (and information rows) whose name contains TEXT")
     args = ap.parse_args(argv)
+    targets = [tg for tg in TARGETS if not args.only or args.only in tg.name]
+    info = [n for n in INFO if not args.only or args.only in n]
     if args.list:
-        for tg in TARGETS:
+        for tg in targets:
             print(f"{tg.name:<40} {tg.want:<34} {', '.join(tg.workloads)}")
-        print(f"{'(information only)':<40} {'':<34} {', '.join(INFO)}")
+        print(f"{'(information only)':<40} {'':<34} {', '.join(info)}")
         return 0
     reasons = R.get_backend("cpu").backend_reasons("cpu")
     if reasons:
@@ -201,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
           f"triad {bw['triad']:.1f} GB/s")
     run = Runner(0.2 if args.quick else 0.6)
     summary: list[tuple[str, str, bool]] = []
-    for tg in TARGETS:
+    for tg in targets:
         measured, ok = evaluate(tg, run, gemm)
         summary.append((f"{tg.name} ({tg.want})", measured, ok))
-    for name in INFO:
+    for name in info:
         _row(get_workload(name), run.time(name, "cpu"), gemm, None, "(info)")
     if args.csa64k:
         summary.append(csa_layer_64k())
