@@ -55,8 +55,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     table = _registry.available_backends(device=device)
     print(f"\nusable backends per op on device '{device}', in the order dispatch tries them:")
     names = list(_registry.BACKENDS)
+    dev_type = _registry.device_type_of(device)
     for op in sorted(table):
-        dev_type = torch.device(device).type
         order = {b.name: i for i, b in enumerate(_registry.candidates(op, dev_type))}
         usable = sorted((n for n in names if not table[op][n]), key=lambda n: order.get(n, len(order)))
         usable = [n if n in order else f"{n} (forced only)" for n in usable]
@@ -65,6 +65,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
             for n in names:
                 if table[op][n]:
                     print(f"      {n:10s} - {'; '.join(table[op][n])}")
+                elif n in order:
+                    for lim in _registry.get_backend(n).op_limits(op):
+                        print(f"      {n:10s}   limit: {lim}")
     if not args.verbose:
         print("\nwhy the other backends are not usable here (-v lists every op x backend):")
         reasons: dict[str, set[str]] = {}
@@ -81,7 +84,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_parity(args: argparse.Namespace) -> int:
     from v4kernels.testing import run_parity
 
-    results = run_parity(args.backend or None, args.op or None, args.device, args.large, args.filter)
+    try:
+        results = run_parity(args.backend or None, args.op or None, args.device, args.large, args.filter)
+    except ValueError as e:
+        print(f"parity: {e}", file=sys.stderr)
+        return 2
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1

@@ -37,13 +37,15 @@ def check_tensor(
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
-        nds = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        if t.dim() not in nds:
+        nd = t.dim()
+        if nd != ndim and (isinstance(ndim, int) or nd not in ndim):
+            nds = (ndim,) if isinstance(ndim, int) else tuple(ndim)
             raise ValueError(
                 f"{op}: {name} must have {' or '.join(map(str, nds))} dims, got shape {tuple(t.shape)}"
             )
     if shape is not None:
-        if t.dim() != len(shape) or any(e is not None and e != a for e, a in zip(shape, t.shape)):
+        actual = t.shape
+        if len(actual) != len(shape) or not all(e is None or e == a for e, a in zip(shape, actual)):
             exp = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
             raise ValueError(f"{op}: {name} must have shape {exp}, got {list(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -54,10 +56,14 @@ def check_tensor(
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
-    devs = {n: t.device for n, t in tensors.items() if t is not None}
-    first_name, first = next(iter(devs.items()))
-    for n, d in devs.items():
-        if d != first:
+    first_name, first = None, None
+    for n, t in tensors.items():
+        if t is None:
+            continue
+        d = t.device
+        if first is None:
+            first_name, first = n, d
+        elif d != first:
             raise ValueError(f"{op}: {n} is on {d} but {first_name} is on {first}; all tensors must share a device")
     return first
 
@@ -107,8 +113,19 @@ def check_out_dtype(op: str, out_dtype: object, default: torch.dtype) -> torch.d
     return out_dtype
 
 
+# os.environ.get costs about a microsecond (key encoding); on POSIX read the raw mapping directly
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _checks_mode() -> str:
+    if _ENV_DATA is not None:
+        v = _ENV_DATA.get(b"V4K_CHECKS")
+        return "auto" if v is None else os.fsdecode(v)
+    return os.environ.get("V4K_CHECKS", "auto")
+
+
 def value_checks_enabled(*tensors: torch.Tensor) -> bool:
-    mode = os.environ.get("V4K_CHECKS", "auto")
+    mode = _checks_mode()
     if mode == "off":
         return False
     for t in tensors:

@@ -144,10 +144,21 @@ def _parse_env(value: str) -> tuple[tuple[str | None, str], ...]:
     return tuple(out)
 
 
+# os.environ.get costs about a microsecond (key encoding); on POSIX read the raw mapping directly
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _env_backend() -> str | None:
+    if _ENV_DATA is not None:
+        v = _ENV_DATA.get(b"V4K_BACKEND")
+        return None if v is None else os.fsdecode(v)
+    return os.environ.get("V4K_BACKEND")
+
+
 def forced_backend(op: str) -> str | None:
     """The backend forced for ``op`` by ``use_backend`` (innermost first) or ``V4K_BACKEND``."""
     scope = _FORCED.get()
-    env = os.environ.get("V4K_BACKEND")
+    env = _env_backend()
     if not scope and not env:
         return None
     for s in (scope, _parse_env(env or "")):
@@ -327,7 +338,18 @@ def select_backend(op: str, args: Sequence[Any], device_type: str | None = None)
 
 
 def _run(op: str, args: tuple, device_type: str | None = None) -> Any:
-    backend, entry = select_backend(op, args, device_type)
+    if device_type is None:
+        device_type = _device_type(args)
+    scope = _FORCED.get()
+    forced = forced_backend(op) if scope or _env_backend() else None
+    plan = _PLAN.get((op, device_type, forced))
+    if plan is None:
+        plan = _plan(op, device_type, forced)
+    for backend, entry in plan:
+        if entry.refusals is None or not entry.refusals(*args):
+            break
+    else:
+        backend, entry = select_backend(op, args, device_type)  # raises with every reason
     last = getattr(_THREAD, "last", None)
     if last is None:
         last = _last_used()
@@ -488,6 +510,16 @@ def native_kernels(dispatch_key: str) -> dict[str, Callable[..., Any]]:
     return out
 
 
+def device_type_of(device: str | torch.device) -> str:
+    """``"npu"`` for ``"npu:1"`` or ``torch.device("npu", 1)``; works for device types this
+    process has not registered (``torch.device("npu")`` raises until torch_npu is imported)."""
+    if isinstance(device, torch.device):
+        return device.type
+    if not isinstance(device, str) or not device:
+        raise TypeError(f"device must be a str or torch.device, got {device!r}")
+    return device.split(":", 1)[0]
+
+
 def available_backends(op: str | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Which backends can run ``op`` (or each op) on ``device``, with reasons for the rest.
 
@@ -495,7 +527,7 @@ def available_backends(op: str | None = None, device: str | torch.device = "cpu"
     ``{op: {backend: [reasons]}}`` when ``op`` is None. Backends that run on a device only when
     forced (Triton on CPU through the interpreter) are reported as if forced.
     """
-    device_type = torch.device(device).type
+    device_type = device_type_of(device)
     ops = [op] if op is not None else sorted(_OP_ARGS)
     for o in ops:
         if o not in _OP_ARGS:

@@ -44,7 +44,11 @@ def run_case(case: ParityCase, backend: str, device: str | torch.device = "cpu")
     For the reference backend itself the comparison is against ``case.naive`` (an independent
     implementation) when the case has one.
     """
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"parity: device {device!r} is not available in this process ({e}); install and import "
+                         f"its torch plug-in (torch_npu, torch_mlu) first") from None
     b = R.get_backend(backend)
     reasons = b.op_reasons(case.op, device.type, forced=True)
     if reasons:
