@@ -65,6 +65,10 @@ NO_VENDOR_OP = {
     "compressed_indices": "the Ascend sparse attention builds its compressed list internally; no index-list op",
     "hc_split_sinkhorn": "only 950 has npu_mhc_sinkhorn, and it returns comb only (no pre/post split); A2/A3 fuse it into npu_hc_pre_v2",
     "hc_head": "no Ascend op for the mHC head (deployments compute it in torch)",
+    "act_quant": "npu_dynamic_quant quantises per row (usable per 1x128 block as a row) but computes the scale as "
+                 "amax/448 by division and has no power-of-two scale: its FP8 codes differ from V4's quantiser "
+                 "(amax * fp32(1/448), amax clamped at 1e-4) in a fraction of entries, and act_quant is bit-exact; "
+                 "FP8 output exists on 950 only",
     "act_quant_roundtrip": "no fused quantise-dequantise op; act_quant + act_dequant run where they can",
     "act_dequant": "a block-scaled elementwise multiply; no fused op",
     "fp4_act_quant": "npu_dynamic_mx_quant's FP4 (e2m1) output is undocumented; not used",

@@ -311,7 +311,9 @@ def define_fake_ops(namespace: str, ops: dict[str, Callable[..., Any]],
     for schema, fn in ops.items():
         lib.define(schema)
         opname = schema.split("(", 1)[0]
-        for key in dispatch_keys:
+        # a call whose tensor arguments are all None (e.g. a metadata builder) has no device to
+        # dispatch on: CompositeExplicitAutograd takes it
+        for key in (*dispatch_keys, "CompositeExplicitAutograd"):
             lib.impl(opname, fn, key)
     _STATE["libs"].append(lib)
     return lib

@@ -1,12 +1,5 @@
-"""Ascend adapters for FP8 activation quantisation and the block-scaled FP8 GEMM (950 only:
+"""Ascend adapter for the block-scaled FP8 GEMM (950 only:
 A2/A3 have no FP8 datapath; deployments there re-quantise to W8A8 INT8, which is not this op).
-
-``act_quant`` → ``torch_npu.npu_dynamic_quant(x, dst_type=float8_e4m3fn)`` (950).
-  The vendor op quantises per *row* (scale = rowmax|x| / 448, y = x / scale); the adapter makes
-  each 1×``block_size`` block a row (``x.view(-1, block_size)``), which is exactly V4's block
-  quantisation. Differences bridged: V4 clamps the block amax at 1e-4 — blocks below it (all
-  zeros, tiny values) are recomputed with the clamped scale after the call; the power-of-two
-  scale (``round_scale=True``) has no vendor equivalent and is refused. Limits: x bf16/fp16.
 
 ``fp8_gemm`` → ``torch_npu.npu_quant_matmul(x1, x2, scale, pertoken_scale=..., group_sizes=[1,128,128])`` (950).
   Bridging: our ``b [N,K]`` is passed transposed (``x2 = bᵀ`` as a view, ``[K,N]``), its scales
@@ -20,36 +13,9 @@ import torch
 
 from ..._registry import register_kernel
 from ...backends.ascend import BACKEND, VendorOp
-from .reference import FP8_AMAX_MIN, FP8_MAX, fp8_encode
 
-DQ = VendorOp("torch_npu.npu_dynamic_quant", socs=("950",), note="per-row dynamic quant; FP8 output on 950 only")
 QMM = VendorOp("torch_npu.npu_quant_matmul", socs=("950",), note="FP8 x FP8 with [1,128,128] block scales")
-BACKEND.declare("act_quant", DQ, round_scale=False, dtypes=("bfloat16", "float16"))
 BACKEND.declare("fp8_gemm", QMM, block=128, out_dtypes=("bfloat16", "float16"))
-
-
-def _aq_refusals(x, block_size, round_scale):
-    r = []
-    if round_scale:
-        r.append("npu_dynamic_quant's scale is amax/448, not a power of two (round_scale=True)")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        r.append(f"npu_dynamic_quant takes bf16/fp16 x, got {x.dtype}")
-    return r
-
-
-@register_kernel("ascend", "act_quant", refusals=_aq_refusals)
-def act_quant(x, block_size, round_scale):
-    rows = x.reshape(-1, block_size)
-    y, s = BACKEND.vendor(DQ)(rows, dst_type=torch.float8_e4m3fn)
-    s = s.float().reshape(-1)
-    small = rows.float().abs().amax(-1) < FP8_AMAX_MIN
-    if bool(small.any()):
-        # V4 clamps the block amax at 1e-4: redo those blocks with the clamped scale
-        s_fix = torch.full_like(s, FP8_AMAX_MIN) * torch.tensor(1.0 / FP8_MAX, dtype=torch.float32)
-        y_fix = fp8_encode(rows.float() / s_fix.unsqueeze(-1))
-        y = torch.where(small.unsqueeze(-1), y_fix, y)
-        s = torch.where(small, s_fix, s)
-    return y.reshape(x.shape), s.reshape(*x.shape[:-1], x.shape[-1] // block_size)
 
 
 def _gemm_refusals(a, a_s, b, b_s, out_dtype):
