@@ -42,31 +42,36 @@ BACKEND.declare("moe_gate", GATE, group_count=1, renorm=0, softplus_safe=SOFTPLU
 BACKEND.declare("moe_experts", INIT, GMM, FIN, weights=("bfloat16", "float16"))
 
 
-def _gate_refusals(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps):
+def _gate_refusals(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing):
     r = []
+    if hf_routing:
+        r.append("hf_routing (routing in the activation dtype, transformers' variant) has no Ascend fused equivalent")
     if topk > weight.shape[0]:
         r.append(f"topk={topk} exceeds the expert count {weight.shape[0]}")
     return r
 
 
 @register_kernel("ascend", "moe_gate", refusals=_gate_refusals)
-def moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps):
+def moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing):
     logits = x.float() @ weight.float().t()
     if logits.numel() and float(logits.max()) > SOFTPLUS_SAFE:
         from . import reference
 
-        return reference.moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps)
+        return reference.moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing)
     w, ids, _ = BACKEND.vendor(GATE)(
         logits, topk, bias=None if bias is None else bias.float(),
         input_ids=None if token_ids is None else token_ids.long(),
         tid2eid=None if tid2eid is None else tid2eid.to(torch.int32),
         k_group=1, group_count=1, routed_scaling_factor=float(route_scale), eps=1e-20 if hf_eps else 0.0,
         group_select_mode=0, renorm=0, norm_type=2, out_flag=False)
-    return w.float(), ids.to(torch.int32)
+    return w.float(), ids.to(torch.int32), logits
 
 
-def _experts_refusals(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype):
+def _experts_refusals(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype,
+                      hf_rounding):
     r = []
+    if hf_rounding:
+        r.append("hf_rounding (transformers' per-step roundings) has no Ascend fused equivalent")
     if w1_s is not None or w3_s is not None or w2_s is not None or not w1.dtype.is_floating_point:
         r.append("quantised expert weights (FP8 128-block / FP4) have no matching Ascend grouped GEMM "
                  "(A2/A3: W8A8 only; 950: MXFP4 with e8m0 block-32 scales)")
@@ -76,7 +81,8 @@ def _experts_refusals(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, s
 
 
 @register_kernel("ascend", "moe_experts", refusals=_experts_refusals)
-def moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype):
+def moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype,
+                hf_rounding):
     t, k = topk_ids.shape
     n_exp = w1.shape[0]
     masked = topk_ids < 0

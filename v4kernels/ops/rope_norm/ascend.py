@@ -42,7 +42,7 @@ def rms_norm(x, weight, eps, hf_rounding):
     return y
 
 
-def _rope_refusals(x, positions, freqs, inverse):
+def _rope_refusals(x, positions, freqs, inverse, round_tables):
     r = []
     if 2 * freqs.shape[0] != 64:
         r.append(f"npu_interleave_rope rotates exactly 64 dims, got {2 * freqs.shape[0]}")
@@ -52,7 +52,7 @@ def _rope_refusals(x, positions, freqs, inverse):
 
 
 @register_kernel("ascend", "apply_rope", refusals=_rope_refusals)
-def apply_rope(x, positions, freqs, inverse):
+def apply_rope(x, positions, freqs, inverse, round_tables):
     b, s, L = x.shape[0], x.shape[1], x.shape[-1]
     rope = x[..., L - 64:].reshape(b, s, -1, 64).transpose(1, 2).contiguous()  # [B,N,S,64]
     ang = positions.to(torch.float32).unsqueeze(-1) * freqs.to(torch.float32)  # [B,S,32]
