@@ -1,0 +1,201 @@
+"""Contract tests of the ``cambricon`` backend without an MLU.
+
+The adapters (``v4kernels/ops/*/cambricon.py``) run on CPU tensors against PyTorch emulations of
+the torch_mlu_ops functions they call (``tests/vendor/cambricon_ops.py``, written from the
+published signatures and behaviour, installed as ``torch_mlu_ops``). Every adapter + emulated op
+must match the reference on the shared parity cases, refuse what it declares, and route on a
+fake ``mlu`` device. This verifies the bridging, not Cambricon's kernels.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import v4kernels as v4k
+from v4kernels import _registry as R
+from v4kernels.backends import cambricon as camb_mod
+from v4kernels.testing import run_case, select_cases
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMULATION = os.path.join(HERE, "vendor", "cambricon_ops.py")
+
+
+def _load_emulation():
+    spec = importlib.util.spec_from_file_location("torch_mlu_ops", EMULATION)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class EmulatedCambricon(camb_mod.CambriconBackend):
+    """The cambricon backend, allowed on CPU tensors when forced, with the emulation as its
+    vendor module (availability = the emulation imports)."""
+
+    forced_only_devices = frozenset({"cpu"})
+
+    def backend_reasons(self, device_type: str) -> list[str]:
+        self.tmo()
+        return []
+
+
+@pytest.fixture(scope="module")
+def tmo():
+    saved = sys.modules.get("torch_mlu_ops")
+    emu = _load_emulation()
+    sys.modules["torch_mlu_ops"] = emu
+    camb_mod.CambriconBackend.tmo.cache_clear()
+    R.register_backend(EmulatedCambricon(), replace=True)
+    try:
+        yield emu
+    finally:
+        R.register_backend(camb_mod.BACKEND, replace=True)
+        camb_mod.CambriconBackend.tmo.cache_clear()
+        if saved is None:
+            sys.modules.pop("torch_mlu_ops", None)
+        else:
+            sys.modules["torch_mlu_ops"] = saved
+
+
+ADAPTED = ["sparse_attn", "indexer_topk", "hc_split_sinkhorn", "hc_pre", "hc_post", "moe_gate", "moe_experts",
+           "apply_rope", "rms_norm", "compress_kv"]
+
+
+def test_every_adapter_registered_and_every_other_op_explained(tmo):
+    b = R.get_backend("cambricon")
+    b.load()
+    assert not b.load(), b.load()
+    have = set(R._KERNELS.get("cambricon", {}))
+    assert have == set(ADAPTED), have ^ set(ADAPTED)
+    for op in R.op_names():
+        if op in have:
+            assert camb_mod.LIMITS.get(op), f"{op}: adapter without declared limits"
+        else:
+            reasons = b.op_reasons(op, "mlu")
+            assert reasons and reasons[0].startswith("no torch_mlu_ops equivalent"), (op, reasons)
+
+
+@pytest.mark.parametrize("op", ADAPTED)
+def test_parity_cases(tmo, op):
+    """Each adapter + emulated op against the reference on the shared parity cases; a case may
+    only be skipped by one of the adapter's declared refusals."""
+    cases = select_cases([op])
+    assert cases, op
+    passed = 0
+    for case in cases:
+        r = run_case(case, "cambricon", "cpu")
+        if r.status == "skip":
+            assert "cambricon" in r.detail, (case.name, r.detail)
+            continue
+        assert r.status == "pass", (case.name, r.status, r.detail)
+        passed += 1
+    assert passed, f"no {op} parity case ran on the cambricon adapter"
+
+
+def _forced(op):
+    return v4k.use_backend("cambricon", ops=[op])
+
+
+def test_sparse_attn_fp8_rows_both_paths_and_head_groups(tmo):
+    g = torch.Generator().manual_seed(0)
+    for b, m, n, k, h in ((1, 6, 5, 8, 4), (2, 1, 64, 8, 300)):  # whole-buffer and gathered dequant; H > 256
+        q = torch.randn(b, m, h, 512, generator=g).bfloat16()
+        kv = torch.randn(b, n, 512, generator=g).bfloat16()
+        packed = v4k.pack_kv_fp8(kv)
+        idx = torch.randint(-1, n, (b, m, k), generator=g, dtype=torch.int32)
+        idx[0, 0] = -1  # an all-skipped row -> zeros
+        sink = torch.randn(h, generator=g)
+        for cache in (kv, packed):
+            with _forced("sparse_attn"), v4k.track_usage() as usage:
+                out = v4k.sparse_attn(q, cache, sink, idx, 512 ** -0.5)
+            assert usage[("sparse_attn", "cambricon")] == 1
+            with v4k.use_backend("reference"):
+                ref = v4k.sparse_attn(q, cache, sink, idx, 512 ** -0.5)
+            torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1.6e-2)
+            assert torch.count_nonzero(out[0, 0]) == 0
+
+
+def test_hc_post_at_v4_flash_width(tmo):
+    """fused_mhc_post takes D = 4096, HC = 4 only: the adapter runs there and refuses elsewhere."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4096, generator=g).bfloat16()
+    res = torch.randn(3, 4, 4096, generator=g).bfloat16()
+    post, comb = torch.rand(3, 4, generator=g), torch.rand(3, 4, 4, generator=g)
+    with _forced("hc_post"):
+        out = v4k.hc_post(x, res, post, comb)
+    with v4k.use_backend("reference"):
+        ref = v4k.hc_post(x, res, post, comb)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1.6e-2)
+    with _forced("hc_post"), pytest.raises(v4k.BackendUnavailableError, match="fused_mhc_post takes only HC"):
+        v4k.hc_post(x[:, :7168 // 2], res[..., :7168 // 2], post, comb)
+    with pytest.raises(tmo.TMOError, match="D must be 4096"):
+        tmo.fused_mhc_post(x[:, :64], res[..., :64], post, comb, False, 1e-6)
+
+
+def test_moe_refusals_and_expert_parallel_mask(tmo):
+    from v4kernels.ops.moe.reference import quantize_fp8_blocks
+
+    g = torch.Generator().manual_seed(2)
+    t, d, inter, e, k = 5, 64, 32, 4, 2
+    x = torch.randn(t, d, generator=g).bfloat16()
+    w1, w3 = (torch.randn(e, inter, d, generator=g).bfloat16() * 0.1 for _ in range(2))
+    w2 = torch.randn(e, d, inter, generator=g).bfloat16() * 0.1
+    wts = torch.rand(t, k, generator=g)
+    ids = torch.randint(0, e, (t, k), generator=g, dtype=torch.int32)
+    ids[1, 0] = -1
+    for after in (False, True):
+        with _forced("moe_experts"):
+            out = v4k.moe_experts(x, wts, ids, w1, w3, w2, swiglu_limit=10.0, weight_after_w2=after,
+                                  out_dtype=torch.float32)
+        with v4k.use_backend("reference"):
+            ref = v4k.moe_experts(x, wts, ids, w1, w3, w2, swiglu_limit=10.0, weight_after_w2=after,
+                                  out_dtype=torch.float32)
+        torch.testing.assert_close(out, ref, atol=1e-2, rtol=1.6e-2)
+    q1, s1 = quantize_fp8_blocks(w1.float())
+    with _forced("moe_experts"), pytest.raises(v4k.BackendUnavailableError, match="expert weights must be float"):
+        v4k.moe_experts(x, wts, ids, q1, w3, w2, w1_s=s1)
+    with _forced("moe_experts"), pytest.raises(v4k.BackendUnavailableError, match="swiglu_limit must be"):
+        v4k.moe_experts(x, wts, ids, w1, w3, w2, swiglu_limit=7.5)
+    with _forced("moe_gate"), pytest.raises(v4k.BackendUnavailableError, match="hf_eps"):
+        v4k.moe_gate(x, torch.randn(e, d, generator=g), topk=k, hf_eps=True)
+
+
+def test_auto_dispatch_falls_back_on_refusal(tmo):
+    """A refused call goes to the next backend, and an unrefused one to cambricon, on the same op."""
+    x = torch.randn(4, 64)
+    with v4k.use_backend("cambricon", ops=["rms_norm"]), v4k.track_usage() as usage:
+        v4k.rms_norm(x, torch.ones(64))
+    assert usage == {("rms_norm", "cambricon"): 1}
+    with v4k.use_backend("cambricon", ops=["rms_norm"]), pytest.raises(v4k.BackendUnavailableError,
+                                                                        match="hf_rounding"):
+        v4k.rms_norm(x, torch.ones(64), hf_rounding=True)
+
+
+def test_emulation_refuses_what_the_vendor_documents(tmo):
+    q = torch.randn(1, 1, 300, 512).bfloat16()
+    cache = torch.randn(4, 1, 1, 512).bfloat16()
+    out = torch.empty_like(q)
+    tables = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(tmo.TMOError, match="exceeds 256"):
+        tmo.single_query_cached_kv_attn(q, cache, None, out, tables, torch.ones(1, dtype=torch.int32), None, None,
+                                        None, 4, -1, -1, 1.0)
+    with pytest.raises(tmo.TMOError, match="expert ids must lie"):
+        tmo.moe_gen_idx(torch.tensor([[0, 5]], dtype=torch.int32), 4)
+
+
+def test_info_explains_mlu_fallbacks():
+    """Without torch_mlu, info --device mlu -v names why cambricon cannot run, per op."""
+    r = subprocess.run([sys.executable, "-m", "v4kernels", "info", "--device", "mlu", "-v"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    attn = next(i for i, line in enumerate(lines) if line.strip().startswith("sparse_attn "))
+    block = "\n".join(lines[attn:attn + 8])
+    assert "cambricon" in block and "torch_mlu" in block, block
+    hc_head = next(i for i, line in enumerate(lines) if line.strip().startswith("hc_head "))
+    assert "no torch_mlu_ops equivalent" in "\n".join(lines[hc_head:hc_head + 8])
