@@ -96,7 +96,7 @@ def single_query_cached_kv_attn(
           f"out must be {(batch, seq_q, q_heads, head)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     _need(block_tables.shape[0] == batch and context_lens.shape == (batch,), op, "batch mismatch in tables")
     lens = context_lens.long()
-    _need(bool((lens >= 0).all()) and int(lens.max(initial=0)) <= min(max_contxt_len, block_tables.shape[1] * bs),
+    _need(bool((lens >= 0).all()) and (int(lens.max()) if lens.numel() else 0) <= min(max_contxt_len, block_tables.shape[1] * bs),
           op, f"context_lens must lie in [0, min(max_contxt_len={max_contxt_len}, blocks*block_size)]")
     v = k_cache if v_cache is None else v_cache
     group = q_heads // kv_heads

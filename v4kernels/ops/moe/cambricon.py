@@ -18,8 +18,11 @@ Bridges:
 * the routing weight is applied before w2 ([OFF], ``weight_after_w2=False``) by scaling the
   activation rows in expert order, and the combine then runs with unit weights; with
   ``weight_after_w2`` the combine applies them;
-* the combine runs on fp32 rows so that an fp32 ``out_dtype`` gets one rounding, as in the
-  reference;
+* the activation runs on fp32 rows (``g``, ``u`` already rounded to the activation dtype by the
+  GEMMs, as in the reference) so that ``h``, times the routing weight, is rounded once: a second
+  rounding is amplified by the cancellation in w2 (outputs off by ~25% of their size at
+  ``act_scale = 4``); the combine runs on fp32 rows so that an fp32 ``out_dtype`` gets one
+  rounding too;
 * FP8 (128x128 blocks) and FP4 expert weights are refused: ``group_gemm`` takes float weights
   (and ``smooth_quant_group_gemm`` per-channel int8), so V4 checkpoints need re-quantisation at
   load time, which is outside this op's contract;
@@ -83,15 +86,17 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     xs = tmo.moe_expand_input(x, expand_idx, cusum, 0, n_exp)
     g = tmo.group_gemm(xs, w1, m_list, None, None, None, None, t)
     u = tmo.group_gemm(xs, w3, m_list, None, None, None, None, t)
-    h = tmo.moe_active(torch.cat((g, u), dim=-1), "silu", True, None, None, cusum, 0, n_exp,
+    # fp32 activation so that h (times the routing weight) is rounded once, as in the reference
+    h = tmo.moe_active(torch.cat((g, u), dim=-1).float(), "silu", True, None, None, cusum, 0, n_exp,
                        swiglu_limit=int(swiglu_limit) if swiglu_limit > 0 else 0)
     wts = topk_weights.float()
     if not weight_after_w2:
         # routing weight of each grouped row: row combine_idx[i] holds flattened pair i
         w_rows = torch.empty(t * k, dtype=torch.float32, device=x.device)
         w_rows[combine_idx.long()] = wts.reshape(-1)
-        h = (h.float() * w_rows.unsqueeze(1)).to(x.dtype)
+        h = h * w_rows.unsqueeze(1)
         wts = torch.ones_like(wts)
+    h = h.to(x.dtype)
     y = tmo.group_gemm(h, w2, m_list, None, None, None, None, t)
     out = tmo.moe_combine_result(y.float(), wts, combine_idx, None, cusum, 0, n_exp)
     return out.to(out_dtype)
