@@ -156,9 +156,11 @@ def test_moe_refusals_and_expert_parallel_mask(tmo):
             ref = v4k.moe_experts(x, wts, ids, w1, w3, w2, swiglu_limit=10.0, weight_after_w2=after,
                                   out_dtype=torch.float32)
         torch.testing.assert_close(out, ref, atol=1e-2, rtol=1.6e-2)
-    q1, s1 = quantize_fp8_blocks(w1.float())
+    xq = torch.randn(t, 128, generator=g).bfloat16()
+    wq = [quantize_fp8_blocks(torch.randn(e, *shape, generator=g) * 0.1) for shape in ((128, 128),) * 3]
     with _forced("moe_experts"), pytest.raises(v4k.BackendUnavailableError, match="expert weights must be float"):
-        v4k.moe_experts(x, wts, ids, q1, w3, w2, w1_s=s1)
+        v4k.moe_experts(xq, wts, ids, wq[0][0], wq[1][0], wq[2][0], w1_scale=wq[0][1], w3_scale=wq[1][1],
+                        w2_scale=wq[2][1])
     with _forced("moe_experts"), pytest.raises(v4k.BackendUnavailableError, match="swiglu_limit must be"):
         v4k.moe_experts(x, wts, ids, w1, w3, w2, swiglu_limit=7.5)
     with _forced("moe_gate"), pytest.raises(v4k.BackendUnavailableError, match="hf_eps"):
@@ -189,9 +191,11 @@ def test_emulation_refuses_what_the_vendor_documents(tmo):
 
 
 def test_info_explains_mlu_fallbacks():
-    """Without torch_mlu, info --device mlu -v names why cambricon cannot run, per op."""
-    r = subprocess.run([sys.executable, "-m", "v4kernels", "info", "--device", "mlu", "-v"],
-                       capture_output=True, text=True, timeout=300)
+    """Without torch_mlu, info --device mlu -v names why cambricon cannot run, per op. (The device
+    name "mlu" exists only once torch_mlu, or here a PrivateUse1 rename, has registered it.)"""
+    code = ("import torch, sys; torch.utils.rename_privateuse1_backend('mlu'); "
+            "from v4kernels.__main__ import main; sys.exit(main(['info', '--device', 'mlu', '-v']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     attn = next(i for i, line in enumerate(lines) if line.strip().startswith("sparse_attn "))
