@@ -203,3 +203,79 @@ def test_info_explains_mlu_fallbacks():
     assert "cambricon" in block and "torch_mlu" in block, block
     hc_head = next(i for i, line in enumerate(lines) if line.strip().startswith("hc_head "))
     assert "no torch_mlu_ops equivalent" in "\n".join(lines[hc_head:hc_head + 8])
+
+
+_FAKE_MLU_SETUP = f"""
+import importlib.util, sys
+_spec = importlib.util.spec_from_file_location("torch_mlu_ops", {EMULATION!r})
+_tmo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tmo)
+sys.modules["torch_mlu_ops"] = _tmo
+_fd.install_fake_module("torch_mlu", {{}}, version="emulated")
+"""
+
+_FAKE_MLU_ROUTING = """
+import torch, v4kernels as v4k
+from v4kernels import _registry as R
+
+dev = "mlu"
+g = torch.Generator().manual_seed(0)
+cpu = {
+    "q": torch.randn(2, 1, 8, 512, generator=g).bfloat16(), "kv": torch.randn(2, 40, 512, generator=g).bfloat16(),
+    "sink": torch.randn(8, generator=g), "idx": torch.randint(-1, 40, (2, 1, 16), generator=g, dtype=torch.int32),
+    "x": torch.randn(3, 4096, generator=g).bfloat16(), "res": torch.randn(3, 4, 4096, generator=g).bfloat16(),
+    "post": torch.rand(3, 4, generator=g), "comb": torch.rand(3, 4, 4, generator=g),
+}
+on = {k: v.to(dev) for k, v in cpu.items()}
+assert on["q"].device.type == "mlu"
+with v4k.track_usage() as usage:
+    a = v4k.sparse_attn(on["q"], on["kv"], on["sink"], on["idx"])
+    p = v4k.hc_post(on["x"], on["res"], on["post"], on["comb"])
+    p_small = v4k.hc_post(on["x"][:, :40], on["res"][..., :40], on["post"], on["comb"])  # refused: D != 4096
+    h = v4k.rms_norm(on["x"], None)
+    hh = v4k.rms_norm(on["x"], None, hf_rounding=True)  # refused variant
+    v4k.hc_head(on["res"], torch.randn(4, 4 * 4096, generator=g).to(dev) * 0.01, torch.rand(1).to(dev),
+                torch.randn(4).to(dev))  # no vendor op
+print("USAGE", sorted(usage.items()))
+assert usage[("sparse_attn", "cambricon")] == 1 and usage[("rms_norm", "cambricon")] == 1, usage
+assert usage[("hc_post", "cambricon")] == 1 and usage[("hc_post", "reference")] == 1, usage
+assert usage[("rms_norm", "reference")] == 1 and usage[("hc_head", "reference")] == 1, usage
+assert a.device.type == "mlu" and p.device.type == "mlu"
+with v4k.use_backend("reference"):
+    ra = v4k.sparse_attn(cpu["q"], cpu["kv"], cpu["sink"], cpu["idx"])
+    rp = v4k.hc_post(cpu["x"], cpu["res"], cpu["post"], cpu["comb"])
+torch.testing.assert_close(a.cpu().float(), ra.float(), atol=1e-2, rtol=1.6e-2)
+torch.testing.assert_close(p.cpu().float(), rp.float(), atol=1e-2, rtol=1.6e-2)
+
+# Triton is a candidate on mlu only when the installed Triton targets MLU
+why = R.available_backends("rms_norm", dev)["triton"]
+assert why and "triton.backends.mlu" in why[0], why
+_fd.install_fake_module("triton.backends.mlu", {})
+R.clear_dispatch_cache()
+assert R.get_backend("triton").backend_reasons(dev) == [], R.get_backend("triton").backend_reasons(dev)
+order = [b.name for b in R.candidates("rms_norm", dev)]
+assert order[:2] == ["cambricon", "triton"], order
+print("ROUTING OK")
+"""
+
+
+def test_routing_on_fake_mlu_device():
+    """On a fake ``mlu`` device (PrivateUse1 renamed, in a subprocess) with emulated torch_mlu and
+    torch_mlu_ops, automatic dispatch reaches the cambricon adapters, falls back on refusals and
+    for ops without a vendor op, and considers Triton only when it targets MLU."""
+    from v4kernels.testing import fake_device
+
+    r = fake_device.run_in_subprocess(_FAKE_MLU_ROUTING, device="mlu", setup=_FAKE_MLU_SETUP, timeout=600)
+    assert r.returncode == 0 and "ROUTING OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_info_on_fake_mlu_device_shows_adapters_usable():
+    from v4kernels.testing import fake_device
+
+    code = "from v4kernels.__main__ import main; main(['info', '--device', 'mlu', '-v'])"
+    r = fake_device.run_in_subprocess(code, device="mlu", setup=_FAKE_MLU_SETUP, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    usable = {line.split()[0]: line.split("usable:")[1] for line in r.stdout.splitlines() if "usable:" in line}
+    for op in ADAPTED:
+        assert usable[op].strip().startswith("cambricon"), (op, usable[op])
+    assert usable["hc_head"].strip().startswith("reference"), usable["hc_head"]
