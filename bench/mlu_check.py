@@ -100,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         install_emulation()
         device, backends = "cpu", ("cambricon",)
     else:
+        # the device name "mlu" exists in torch only once torch_mlu is imported
+        from v4kernels import _platform
+
+        probe = _platform.mlu_probe()
+        if not probe.ok:
+            print(f"no usable MLU: {probe.detail}", file=sys.stderr)
+            return 1
         device, backends = "mlu", BACKENDS
         for name in backends:
             why = R.get_backend(name).backend_reasons("mlu")
