@@ -79,7 +79,8 @@ LIMITS: dict[str, dict[str, Any]] = {
         "vendor_op": "torch_mlu_ops.masked_indexer_select_paged_kv(is_prefill=False, compress_ratio=)",
         "dtypes": ("bfloat16", "float16", "float32"),
         "note": "FP8/FP4 keys are dequantised to q.dtype (bf16 rounding of non-power-of-two scales can reorder "
-                "near ties); the compact table + lengths is padded with -1",
+                "near ties); the keys are one page per sequence (kv_cache_block_size = N: a hardware cap on the "
+                "block size would need page tables); the compact table + lengths is padded with -1",
     },
     "hc_split_sinkhorn": {"vendor_op": "torch_mlu_ops.hc_split_sinkhorn"},
     "hc_pre": {"vendor_op": "F.linear + torch_mlu_ops.hc_split_sinkhorn(pre_scale=rsqrt)"},

@@ -50,7 +50,8 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t
              token_ids: torch.Tensor | None, topk: int, route_scale: float, hf_eps: bool):
     logits = x.float() @ weight.float().T
     w, ids = BACKEND.tmo().moe_softplus_topk(
-        logits, topk, token_ids, None if tid2eid is None else tid2eid.to(torch.int32),
+        logits, topk, None if token_ids is None else token_ids.to(torch.int32),
+        None if tid2eid is None else tid2eid.to(torch.int32),
         None if bias is None else bias.float(), float(route_scale))
     return w.float(), ids.to(torch.int32)
 
