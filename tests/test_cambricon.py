@@ -279,3 +279,16 @@ def test_info_on_fake_mlu_device_shows_adapters_usable():
     for op in ADAPTED:
         assert usable[op].strip().startswith("cambricon"), (op, usable[op])
     assert usable["hc_head"].strip().startswith("reference"), usable["hc_head"]
+
+
+def test_parity_cli_on_fake_mlu_device():
+    """``python -m v4kernels parity --device mlu --backend cambricon`` on fake mlu tensors: the
+    adapters keep every tensor they make on the input's device."""
+    from v4kernels.testing import fake_device
+
+    ops = ["sparse_attn", "indexer_topk", "moe_experts", "compress_kv", "apply_rope", "hc_post"]
+    args = ["parity", "--device", "mlu", "--backend", "cambricon"] + [a for op in ops for a in ("--op", op)]
+    code = f"import sys; from v4kernels.__main__ import main; sys.exit(main({args!r}))"
+    r = fake_device.run_in_subprocess(code, device="mlu", setup=_FAKE_MLU_SETUP, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " 0 failed" in r.stdout, r.stdout[-2000:]

@@ -100,7 +100,7 @@ def single_query_cached_kv_attn(
           op, f"context_lens must lie in [0, min(max_contxt_len={max_contxt_len}, blocks*block_size)]")
     v = k_cache if v_cache is None else v_cache
     group = q_heads // kv_heads
-    lse_all = torch.full((batch, q_heads, seq_q), float("inf"))
+    lse_all = torch.full((batch, q_heads, seq_q), float("inf"), device=q.device)
     for b in range(batch):
         n = int(lens[b])
         if n == 0:
@@ -187,7 +187,7 @@ def masked_indexer_select_paged_kv(
                     ("k_context_lens", k_context_lens)):
         _need(t.dtype == torch.int32, op, f"{name} must be int32, got {t.dtype}")
     bs = kc.shape[1]
-    offs = (torch.zeros(batch * seq_q, dtype=torch.int64) if kv_cache_block_table_offset is None
+    offs = (torch.zeros(batch * seq_q, dtype=torch.int64, device=query.device) if kv_cache_block_table_offset is None
             else kv_cache_block_table_offset.long())
     sparse_block_table.fill_(POISON_INDEX)
     for b in range(batch):
@@ -196,7 +196,7 @@ def masked_indexer_select_paged_kv(
         if n == 0:
             sparse_context_lens[b] = 0
             continue
-        c = torch.arange(n)
+        c = torch.arange(n, device=query.device)
         keys = kc[k_cache_block_table[b, c // bs].long(), c % bs].float()  # [n, D]
         logits = (query[b, 0].float() @ keys.T).relu()  # [H, n]
         score = (weights[b, 0, :, 0].float() @ logits) * softmax_scale
@@ -339,9 +339,9 @@ def moe_gen_idx(expert_id: torch.Tensor, expert_num: int):
     k = expert_id.shape[1]
     expand_idx = (order // k).to(torch.int32)
     combine_idx = torch.empty_like(order)
-    combine_idx[order] = torch.arange(order.numel())
+    combine_idx[order] = torch.arange(order.numel(), device=expert_id.device)
     count = torch.bincount(flat, minlength=expert_num).to(torch.int32)
-    cusum = torch.zeros(expert_num + 1, dtype=torch.int32)
+    cusum = torch.zeros(expert_num + 1, dtype=torch.int32, device=expert_id.device)
     cusum[1:] = torch.cumsum(count, 0)
     return expand_idx, combine_idx.to(torch.int32), count, cusum
 
@@ -364,7 +364,7 @@ def group_gemm(a: torch.Tensor, b: torch.Tensor, m_list: torch.Tensor, expand_id
           f"shape mismatch: a {tuple(a.shape)}, b {tuple(b.shape)}, m_list {tuple(m_list.shape)}")
     _need(expand_idx is None and c is None and alpha is None and beta is None, op,
           "expand_idx/c/alpha/beta are outside the emulated scope")
-    out = torch.full((a.shape[0], b.shape[1]), float("nan"), dtype=a.dtype) if d is None else d
+    out = torch.full((a.shape[0], b.shape[1]), float("nan"), dtype=a.dtype, device=a.device) if d is None else d
     start = 0
     for e, m in enumerate(m_list.tolist()):
         if m:
