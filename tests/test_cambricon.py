@@ -292,3 +292,16 @@ def test_parity_cli_on_fake_mlu_device():
     r = fake_device.run_in_subprocess(code, device="mlu", setup=_FAKE_MLU_SETUP, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " 0 failed" in r.stdout, r.stdout[-2000:]
+
+
+def test_mlu_check_script_on_fake_mlu_device():
+    """bench/mlu_check.py's hardware path (probe, parity on mlu tensors, timed workloads with the
+    reference check) end to end on a fake mlu device; exit status 0 only when everything passed."""
+    from v4kernels.testing import fake_device
+
+    script = os.path.join(HERE, "..", "bench", "mlu_check.py")
+    code = (f"import sys, runpy; sys.argv = ['mlu_check.py', '--quick', '--only', 'rms_norm,hc_post']; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    r = fake_device.run_in_subprocess(code, device="mlu", setup=_FAKE_MLU_SETUP, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "parity: 4 passed, 0 failed" in r.stdout and "reference checks of timed workloads: 2 passed, 0 failed" in r.stdout, r.stdout
