@@ -430,30 +430,34 @@ def moe_combine_result(input: torch.Tensor, reduce_weight: torch.Tensor, gather_
 def apply_rotary(input: torch.Tensor, sin_cache: torch.Tensor, cos_cache: torch.Tensor,
                  position_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], interleaved: bool,
                  discrete: bool, dynamic_ntk: bool, max_seqlen: int, is_inverse: bool = False):
-    """Rotary embedding of ``input [T, heads, rotary_dim]`` (packed tokens): token t uses table row
-    ``position_ids[t]`` (``discrete``) of ``sin_cache``/``cos_cache [rows, rotary_dim]``, whose
-    entries are laid out like the input's pairs (interleaved: θ0 θ0 θ1 θ1 …). ``is_inverse``
-    rotates by −θ. fp32 math, output in input's dtype. Emulated scope: discrete positions, packed
-    3-D input, no NTK."""
+    """Rotary embedding of ``input [batch, seq, heads, rotary_dim]`` (or packed ``[T, heads,
+    rotary_dim]``): token t (flattened) uses table row ``position_ids[t]`` (``discrete``) of
+    ``sin_cache``/``cos_cache [rows, rotary_dim]``, which have the input's dtype and are laid out
+    like the input's pairs (interleaved: θ0 θ0 θ1 θ1 …, the layout Cambricon's deployment builds
+    with ``repeat_interleave(2)``). ``is_inverse`` rotates by −θ. fp32 math, output in the input's
+    dtype. Emulated scope: discrete positions without cu_seqlens, no NTK."""
     op = "apply_rotary"
-    _need(input.dim() == 3 and input.dtype in _FLOAT, op, f"input must be [T, heads, rotary_dim] float, got "
+    _need(input.dim() in (3, 4) and input.dtype in _FLOAT, op, f"input must be 3-D/4-D float, got "
           f"{tuple(input.shape)} {input.dtype}")
     _need(discrete and position_ids is not None and cu_seqlens is None and not dynamic_ntk, op,
-          "emulated for discrete position_ids on packed input")
+          "emulated for discrete position_ids without cu_seqlens")
     _need(sin_cache.shape == cos_cache.shape and sin_cache.shape[-1] == input.shape[-1], op,
           f"sin/cos must be [rows, {input.shape[-1]}], got {tuple(sin_cache.shape)}")
-    _need(sin_cache.dtype in (torch.float32, input.dtype), op, f"sin/cos dtype {sin_cache.dtype} not supported")
+    _need(sin_cache.dtype == input.dtype and cos_cache.dtype == input.dtype, op,
+          f"sin/cos must have the input's dtype {input.dtype}, got {sin_cache.dtype}")
+    shape = input.shape
+    x = input.reshape(-1, shape[-2], shape[-1]).float()
+    _need(position_ids.numel() == x.shape[0], op, f"position_ids must have one entry per token ({x.shape[0]})")
     sin = sin_cache[position_ids.long()].float().unsqueeze(1)
     cos = cos_cache[position_ids.long()].float().unsqueeze(1)
     if is_inverse:
         sin = -sin
-    x = input.float()
     if interleaved:
         rot = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     else:
         h = x.shape[-1] // 2
         rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-    return (x * cos + rot * sin).to(input.dtype)
+    return (x * cos + rot * sin).to(input.dtype).reshape(shape)
 
 
 def fused_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], gamma: Optional[torch.Tensor],

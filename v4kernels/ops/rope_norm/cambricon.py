@@ -2,11 +2,13 @@
 ``torch_mlu_ops.apply_rotary`` and ``torch_mlu_ops.fused_rms_norm``.
 
 apply_rope: our x is ``[B, S, *mid, L]`` with the rotary dims at the end (interleaved pairs);
-``apply_rotary`` takes packed tokens ``[T, heads, rotary_dim]``, a sin/cos table and, with
-``discrete=True``, one table row per token. The adapter passes exactly the trailing ``r`` dims
-(so where the op puts the rotary part of a wider head never matters), a per-call table with one
-row per token (``angle = fp32(position) · freqs``, each angle repeated for its pair, fp32) and
-``position_ids = arange(T)``; ``is_inverse`` gives the de-rotation of SPEC §3.4.
+``apply_rotary`` takes tokens ``[1, T, heads, rotary_dim]`` (as Cambricon's deployment calls it),
+a sin/cos table in the input's dtype laid out like the pairs (interleaved: each angle repeated)
+and, with ``discrete=True``, a table row per token. The adapter passes exactly the trailing ``r``
+dims in fp32 (so where the op puts the rotary part of a wider head never matters, and the math is
+the reference's fp32 with one rounding), a per-call fp32 table with one row per token
+(``angle = fp32(position) · freqs``) and ``position_ids = arange(T)``; ``is_inverse`` gives the
+de-rotation of SPEC §3.4.
 
 rms_norm: ``fused_rms_norm(x, residual=None, gamma=weight, beta=None, bias=None, eps)``, fp32 math
 and one rounding; the [HF] ``hf_rounding`` variant (normalise, round, then scale) is refused.
@@ -39,14 +41,16 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, in
     b, s, length = x.shape[0], x.shape[1], x.shape[-1]
     t = b * s
     heads = math.prod(x.shape[2:-1])
-    part = x.reshape(t, heads, length)[..., length - r:].contiguous()
+    # fp32 rotary part and fp32 tables: the op's input and tables share a dtype, and fp32 keeps the
+    # reference numerics (fp32 math, one rounding); the part is r of L dims, so the copy is small
+    part = x.reshape(1, t, heads, length)[..., length - r:].float().contiguous()
     pos = positions.expand(b, s) if positions.dim() == 2 else positions.view(1, s).expand(b, s)
     ang = pos.reshape(t).to(torch.float32).unsqueeze(-1) * freqs.to(torch.float32)  # [T, r/2]
-    sin = torch.sin(ang).repeat_interleave(2, dim=-1)
+    sin = torch.sin(ang).repeat_interleave(2, dim=-1)  # interleaved layout: θ0 θ0 θ1 θ1 ...
     cos = torch.cos(ang).repeat_interleave(2, dim=-1)
     ids = torch.arange(t, dtype=torch.int32, device=x.device)
-    rot = BACKEND.tmo().apply_rotary(part, sin, cos, ids, None, True, True, False, s, is_inverse=bool(inverse))
-    y.reshape(t, heads, length)[..., length - r:] = rot.to(x.dtype)
+    rot = BACKEND.tmo().apply_rotary(part, sin, cos, ids, None, True, True, False, t, is_inverse=bool(inverse))
+    y.reshape(t, heads, length)[..., length - r:] = rot.view(t, heads, r).to(x.dtype)
     return y
 
 
