@@ -473,8 +473,8 @@ def fused_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], gamma: Opt
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     if gamma is not None:
-        _need(gamma.shape == x.shape[-1:] and gamma.dtype in (torch.float32, x.dtype), op,
-              f"gamma must be [{x.shape[-1]}] float32 or {x.dtype}")
+        _need(gamma.shape == x.shape[-1:] and gamma.dtype == x.dtype, op,
+              f"gamma must be [{x.shape[-1]}] {x.dtype}, got {tuple(gamma.shape)} {gamma.dtype}")
         y = y * gamma.float()
     y = y.to(x.dtype)
     if out is not None:

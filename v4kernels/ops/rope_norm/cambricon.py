@@ -11,7 +11,9 @@ the reference's fp32 with one rounding), a per-call fp32 table with one row per 
 de-rotation of SPEC §3.4.
 
 rms_norm: ``fused_rms_norm(x, residual=None, gamma=weight, beta=None, bias=None, eps)``, fp32 math
-and one rounding; the [HF] ``hf_rounding`` variant (normalise, round, then scale) is refused.
+and one rounding; gamma shares x's dtype, so a weight of another dtype (e.g. fp32 weight, bf16 x)
+runs the op on fp32 rows with the fp32 weight, then rounds once. The [HF] ``hf_rounding`` variant
+(normalise, round, then scale) is refused.
 """
 from __future__ import annotations
 
@@ -68,5 +70,10 @@ def _norm_refusals(x, weight, eps, hf_rounding) -> list[str]:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, hf_rounding: bool) -> torch.Tensor:
     if x.numel() == 0:
         return x.clone()
-    y = BACKEND.tmo().fused_rms_norm(x.reshape(-1, x.shape[-1]), None, weight, None, None, float(eps), False)
+    x2 = x.reshape(-1, x.shape[-1])
+    if weight is not None and weight.dtype != x.dtype:
+        # gamma must share x's dtype: run in fp32 with the fp32 weight (the reference's numerics)
+        y = BACKEND.tmo().fused_rms_norm(x2.float(), None, weight.float(), None, None, float(eps), False)
+        return y.to(x.dtype).reshape(x.shape)
+    y = BACKEND.tmo().fused_rms_norm(x2, None, weight, None, None, float(eps), False)
     return y.reshape(x.shape)
