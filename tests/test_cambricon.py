@@ -305,3 +305,38 @@ def test_mlu_check_script_on_fake_mlu_device():
     r = fake_device.run_in_subprocess(code, device="mlu", setup=_FAKE_MLU_SETUP, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "parity: 4 passed, 0 failed" in r.stdout and "reference checks of timed workloads: 2 passed, 0 failed" in r.stdout, r.stdout
+
+
+def test_build_hook(tmp_path):
+    """csrc/cambricon has no sources: nothing to build. With sources but no torch_mlu the build is
+    skipped with the reason recorded, or fails under V4K_BUILD_MLU=1; V4K_BUILD_MLU=0 skips."""
+    from v4kernels.backends import BuildContext
+
+    repo = os.path.join(HERE, "..")
+
+    def run(root, flags):
+        rec = {}
+        ctx = BuildContext(root, lambda name: flags.get(name) or None, lambda k, v: rec.__setitem__(k, v))
+        return camb_mod.BACKEND.build_extensions(ctx), rec["cambricon"]
+
+    (exts, cmd), msg = run(repo, {})
+    assert exts == [] and cmd == {} and msg.startswith("nothing to build")
+    src = tmp_path / "csrc" / "cambricon"
+    src.mkdir(parents=True)
+    (src / "kernels.mlu").write_text("// BANG C\n")
+    (exts, _), msg = run(str(tmp_path), {})
+    assert exts == [] and "torch_mlu" in msg and msg.startswith("skipped")
+    with pytest.raises(ImportError):
+        run(str(tmp_path), {"V4K_BUILD_MLU": "1"})
+    assert run(str(tmp_path), {"V4K_BUILD_MLU": "0"})[1] == "skipped: V4K_BUILD_MLU=0"
+
+
+def test_mlu_triton_launch_row_covers_every_kernel():
+    """The mlu row declares every kernel and parameter the other rows declare (block_config reads
+    it for mlu tensors)."""
+    from v4kernels.backends.cuda import CUDA_TRITON_BLOCKS
+
+    row = R.triton_launch_row("mlu")
+    assert row is camb_mod.MLU_TRITON_BLOCKS
+    assert {k: set(v) for k, v in row.items()} == {k: set(v) for k, v in CUDA_TRITON_BLOCKS.items()}
+    assert all(isinstance(n, int) and n > 0 for params in row.values() for n in params.values())
