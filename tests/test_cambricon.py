@@ -77,7 +77,8 @@ def test_every_adapter_registered_and_every_other_op_explained(tmo):
             assert camb_mod.LIMITS.get(op), f"{op}: adapter without declared limits"
         else:
             reasons = b.op_reasons(op, "mlu")
-            assert reasons and reasons[0].startswith("no torch_mlu_ops equivalent"), (op, reasons)
+            assert reasons and reasons[0].startswith(f"no cambricon kernel for {op}: no torch_mlu_ops equivalent"), \
+                (op, reasons)
 
 
 @pytest.mark.parametrize("op", ADAPTED)

@@ -135,7 +135,7 @@ class CambriconBackend(Backend):
         if reasons:
             return reasons
         if op in NO_VENDOR_OP:
-            return [f"no torch_mlu_ops equivalent: {NO_VENDOR_OP[op]}"]
+            return [f"no cambricon kernel for {op}: no torch_mlu_ops equivalent ({NO_VENDOR_OP[op]})"]
         return super().op_reasons(op, device_type, forced)
 
     def limits(self, op: str) -> list[str]:
