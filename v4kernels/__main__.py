@@ -66,7 +66,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 if table[op][n]:
                     print(f"      {n:10s} - {'; '.join(table[op][n])}")
                 elif n in order:
-                    for lim in _registry.get_backend(n).op_limits(op):
+                    for lim in _registry.get_backend(n).limits(op):
                         print(f"      {n:10s}   limit: {lim}")
     if not args.verbose:
         print("\nwhy the other backends are not usable here (-v lists every op x backend):")

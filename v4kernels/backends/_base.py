@@ -107,7 +107,7 @@ class Backend:
         except KeyError:
             raise KeyError(f"backend {self.name!r} declares no tolerance for {dtype}; has {list(self.tolerances)}") from None
 
-    def op_limits(self, op: str) -> list[str]:
+    def limits(self, op: str) -> list[str]:
         """Human-readable limits of this backend's kernel for ``op`` (shapes, dtypes, SoC, vendor
         library), listed by ``info -v`` beside the op; per-call refusals quote them."""
         return []

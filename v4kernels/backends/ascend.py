@@ -301,6 +301,13 @@ class AscendBackend(Backend):
                     return [f"installed {route.name} lacks argument(s) {', '.join(missing)} (needs a newer release)"]
         return []
 
+    def limits(self, op: str) -> list[str]:
+        decl = self.ops.get(op)
+        if decl is None:
+            return []
+        out = [f"route {r.name} on {'/'.join(r.socs)}" + (f": {r.note}" if r.note else "") for r in decl.routes]
+        return out + [f"{k} = {v}" for k, v in decl.limits.items()]
+
     def usable_routes(self, op: str) -> list[VendorOp]:
         decl = self.ops.get(op)
         return [] if decl is None else [r for r in decl.routes if not self.route_reasons(r)]

@@ -45,6 +45,11 @@ def run_case(case: ParityCase, backend: str, device: str | torch.device = "cpu")
     implementation) when the case has one.
     """
     try:
+        if isinstance(device, str):
+            from .. import _platform
+
+            # importing the vendor plug-in (torch_npu / torch_mlu) is what registers its device type
+            _platform.device_probes()
         device = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"parity: device {device!r} is not available in this process ({e}); install and import "

@@ -24,8 +24,10 @@ from ...backends.cambricon import BACKEND
 
 
 def _refusals(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score, n_tokens,
-              ratio, quant, eps) -> list[str]:
+              ratio, quant, eps, hf_rounding) -> list[str]:
     reasons = []
+    if hf_rounding:
+        reasons.append("cambricon compress_kv: no fused path for transformers' bf16 pooling (hf_rounding)")
     if x.dtype not in (torch.float32, torch.bfloat16):
         reasons.append(f"cambricon compress_kv: fused_compress_multi_kv takes float/bf16, got {x.dtype}")
     # reads n_tokens (one host sync per call on an accelerator)
@@ -37,7 +39,7 @@ def _refusals(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score,
 
 @register_kernel("cambricon", "compress_kv", refusals=_refusals)
 def compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score, n_tokens,
-                ratio: int, quant: str, eps: float):
+                ratio: int, quant: str, eps: float, hf_rounding: bool):
     import v4kernels as v4k
 
     tmo = BACKEND.tmo()

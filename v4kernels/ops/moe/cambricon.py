@@ -39,26 +39,30 @@ from .reference import weight_format
 _EXP = LIMITS["moe_experts"]
 
 
-def _gate_refusals(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps) -> list[str]:
+def _gate_refusals(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing) -> list[str]:
     if hf_eps:
         return ["cambricon moe_gate: moe_softplus_topk has no +1e-20 denominator term (the hf_eps variant)"]
+    if hf_routing:
+        return ["cambricon moe_gate: moe_softplus_topk routes in fp32, not in the activation dtype (the hf_routing variant)"]
     return []
 
 
 @register_kernel("cambricon", "moe_gate", refusals=_gate_refusals)
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
-             token_ids: torch.Tensor | None, topk: int, route_scale: float, hf_eps: bool):
+             token_ids: torch.Tensor | None, topk: int, route_scale: float, hf_eps: bool, hf_routing: bool):
     logits = x.float() @ weight.float().T
     w, ids = BACKEND.tmo().moe_softplus_topk(
         logits, topk, None if token_ids is None else token_ids.to(torch.int32),
         None if tid2eid is None else tid2eid.to(torch.int32),
         None if bias is None else bias.float(), float(route_scale))
-    return w.float(), ids.to(torch.int32)
+    return w.float(), ids.to(torch.int32), logits
 
 
 def _experts_refusals(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2,
-                      out_dtype) -> list[str]:
+                      out_dtype, hf_rounding) -> list[str]:
     reasons = []
+    if hf_rounding:
+        reasons.append("cambricon moe_experts: no fused path for transformers' per-step roundings (hf_rounding)")
     fmts = {weight_format(w) for w in (w1, w3, w2)}
     if fmts != {"float"}:
         reasons.append(f"cambricon moe_experts: expert weights must be float ({_EXP['weights']}); got "
@@ -74,7 +78,8 @@ def _experts_refusals(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, s
 @register_kernel("cambricon", "moe_experts", refusals=_experts_refusals)
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
                 w1_s: torch.Tensor | None, w3: torch.Tensor, w3_s: torch.Tensor | None, w2: torch.Tensor,
-                w2_s: torch.Tensor | None, swiglu_limit: float, weight_after_w2: bool, out_dtype: torch.dtype):
+                w2_s: torch.Tensor | None, swiglu_limit: float, weight_after_w2: bool, out_dtype: torch.dtype,
+                hf_rounding: bool):
     tmo = BACKEND.tmo()
     t, d = x.shape
     k = topk_ids.shape[1]

@@ -28,14 +28,18 @@ _ROPE_DTYPES = tuple(getattr(torch, d) for d in LIMITS["apply_rope"]["dtypes"])
 _NORM_DTYPES = tuple(getattr(torch, d) for d in LIMITS["rms_norm"]["dtypes"])
 
 
-def _rope_refusals(x, positions, freqs, inverse) -> list[str]:
+def _rope_refusals(x, positions, freqs, inverse, round_tables) -> list[str]:
+    if round_tables and x.dtype != torch.float32:
+        return ["cambricon apply_rope: the adapter feeds fp32 tables; tables rounded to the activation dtype "
+                "(round_tables) run elsewhere"]
     if x.dtype not in _ROPE_DTYPES:
         return [f"cambricon apply_rope: x dtype {x.dtype} not in {LIMITS['apply_rope']['dtypes']}"]
     return []
 
 
 @register_kernel("cambricon", "apply_rope", refusals=_rope_refusals)
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, inverse: bool,
+               round_tables: bool) -> torch.Tensor:
     r = 2 * freqs.shape[0]
     y = x.clone()
     if x.numel() == 0 or r == 0:
