@@ -1,8 +1,8 @@
 """``torch.library.opcheck`` on every ``torch.ops.v4k`` operator.
 
 Sample arguments come from the parity cases: each op's smallest non-large case is run through
-the public API with a recording wrapper around ``v4kernels._registry.dispatch`` (the op bodies
-look it up at call time), which captures the positional schema arguments of the op's first call.
+the public API under ``v4kernels.record_calls()``, which captures the positional schema arguments
+of the op's first call.
 New ops are picked up automatically; an op without a parity case fails.
 """
 from __future__ import annotations
@@ -52,15 +52,10 @@ def _sample(op: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, tuple[Any, .
     sized = sorted(((_nbytes(make_inputs(c)), i, c) for i, c in enumerate(small)), key=lambda t: t[:2])
     case = sized[0][2]
     recorded: dict[str, tuple[Any, ...]] = {}
-    real = R.dispatch
-
-    def recording_dispatch(name: str, *args: Any) -> Any:
-        recorded.setdefault(name, _clone(args))
-        return real(name, *args)
-
-    with monkeypatch.context() as m:
-        m.setattr(R, "dispatch", recording_dispatch)
+    with R.record_calls() as calls:
         case.run(**make_inputs(case))
+    for name, _, args, _ in calls:
+        recorded.setdefault(name, _clone(args))
     if op not in recorded:
         pytest.fail(f"parity case {case.name} did not call torch.ops.v4k.{op} (recorded: {sorted(recorded)})")
     _SAMPLES[op] = (case.name, recorded[op])

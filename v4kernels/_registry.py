@@ -373,6 +373,24 @@ def dispatch(op: str, *args: Any) -> Any:
     return _run(op, args)
 
 
+_MAX_SIGNATURES = 1024
+_Tensor = torch.Tensor
+
+
+def _signature(args: Sequence[Any]) -> tuple | None:
+    """What the structural checks depend on: dtype, shape and device of every tensor, type and value
+    of every other argument (``True`` and ``1`` differ). None when an argument is unhashable."""
+    key = []
+    for a in args:
+        if isinstance(a, _Tensor):
+            key.append((a.dtype, a.shape, a.device))
+        elif a is None or isinstance(a, (bool, int, float, str, torch.dtype)):
+            key.append((type(a), a))
+        else:
+            return None
+    return tuple(key)
+
+
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
@@ -385,13 +403,35 @@ class Op:
     when autograd must see the call, it calls the custom op ``torch.ops.v4k.<name>``.
     """
 
-    __slots__ = ("name", "family", "overload", "check", "differentiable", "_tensor_pos")
+    __slots__ = ("name", "family", "overload", "check", "value_check", "memoize", "differentiable", "_tensor_pos",
+                 "_validated")
 
     def __init__(self, name: str, family: str, overload: Any, check: Callable[..., None] | None,
-                 differentiable: bool, tensor_pos: tuple[int, ...]) -> None:
+                 value_check: Callable[..., None] | None, memoize: bool, differentiable: bool,
+                 tensor_pos: tuple[int, ...]) -> None:
         self.name, self.family, self.overload, self.check = name, family, overload, check
+        self.value_check, self.memoize = value_check, memoize
         self.differentiable = differentiable
         self._tensor_pos = tensor_pos
+        self._validated: set = set()
+
+    def validate(self, *args: Any) -> None:
+        """Run the op's checks on schema arguments. With ``memoize``, the structural checks (types,
+        dtypes, shapes, devices, scalars) run once per distinct argument signature; checks that read
+        tensor values (``value_check``) run on every call."""
+        if self.check is not None:
+            if not self.memoize:
+                self.check(*args)
+            else:
+                key = _signature(args)
+                if key is None or key not in self._validated:
+                    self.check(*args)
+                    if key is not None:
+                        if len(self._validated) >= _MAX_SIGNATURES:
+                            self._validated.clear()
+                        self._validated.add(key)
+        if self.value_check is not None:
+            self.value_check(*args)
 
     def __call__(self, *args: Any) -> Any:
         if _is_compiling() or _dispatch_modes():
@@ -451,6 +491,8 @@ def declare_op(
     fake: Callable[..., Any],
     *,
     check: Callable[..., None] | None = None,
+    value_check: Callable[..., None] | None = None,
+    memoize_checks: bool = False,
     autograd: tuple[Callable[..., Any], Callable[..., Any]] | None = None,
 ) -> Op:
     """Define ``v4k::<name><schema>``, the one declaration of an op every backend implements.
@@ -458,7 +500,10 @@ def declare_op(
     ``fake`` computes output metadata for FakeTensor/meta tracing (torch.compile, graph capture).
     ``check(*schema_args)`` validates arguments and raises ``TypeError``/``ValueError``; it runs
     inside the custom op, so ``torch.ops.v4k.<name>`` rejects bad input exactly like the public
-    function. ``autograd=(backward, setup_context)`` registers a backward
+    function. ``value_check(*schema_args)`` holds the checks that read tensor values (index ranges);
+    ``memoize_checks=True`` lets :meth:`Op.validate` skip ``check`` for an argument signature it
+    has already accepted (only for checks that depend on nothing but dtypes, shapes, devices and
+    scalar values). ``autograd=(backward, setup_context)`` registers a backward
     (``torch.library.register_autograd``); without it a call that needs gradients raises
     at forward time instead of silently producing ``None`` gradients.
     Returns the op handle (see :class:`Op`).
@@ -475,6 +520,8 @@ def declare_op(
             args = args + tuple(kwargs[n] for n in arg_names[len(args):])
         if check is not None:
             check(*args)
+        if value_check is not None:
+            value_check(*args)
         return _run(name, args)
 
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
@@ -494,7 +541,7 @@ def declare_op(
                 return overload(*args, **kwargs)
 
         _LIB.impl(name, no_backward, "Autograd")
-    op = Op(name, family, overload, check, autograd is not None, _tensor_positions(parsed))
+    op = Op(name, family, overload, check, value_check, memoize_checks, autograd is not None, _tensor_positions(parsed))
     _OPS[name] = op
     return op
 

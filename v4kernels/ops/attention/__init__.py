@@ -72,7 +72,10 @@ def _check_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale) -> None:
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
         raise TypeError(f"{op}: softmax_scale must be a finite float, got {type(softmax_scale).__name__} {softmax_scale!r}")
     C.check_same_device(op, q=q, kv=kv, attn_sink=attn_sink, topk_idxs=topk_idxs)
-    C.check_index_range(op, "topk_idxs", topk_idxs, n)
+
+
+def _check_sparse_attn_indices(q, kv, attn_sink, topk_idxs, softmax_scale) -> None:
+    C.check_index_range("sparse_attn", "topk_idxs", topk_idxs, kv.shape[1])
 
 
 def _check_pack_kv_fp8(kv) -> None:
@@ -106,6 +109,8 @@ _sparse_attn = declare_op(
     "(Tensor q, Tensor kv, Tensor attn_sink, Tensor topk_idxs, float softmax_scale) -> Tensor",
     _fake_sparse_attn,
     check=_check_sparse_attn,
+    value_check=_check_sparse_attn_indices,
+    memoize_checks=True,
     autograd=_autograd.recompute_backward(sparse_attn_math, (0, 1, 2)),
 )
 _pack_kv_fp8 = declare_op("attention", "pack_kv_fp8", "(Tensor kv) -> Tensor", _fake_pack, check=_check_pack_kv_fp8)
@@ -170,7 +175,7 @@ def sparse_attn(
     """
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5 if isinstance(q, torch.Tensor) and q.dim() == 4 else DEFAULT_SOFTMAX_SCALE
-    _check_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale)
+    _sparse_attn.validate(q, kv, attn_sink, topk_idxs, softmax_scale)
     n = kv.shape[1]
     if q.numel() == 0:
         return torch.empty_like(q)

@@ -137,7 +137,7 @@ _pre = declare_op(
     autograd=_autograd.recompute_backward(_bw.hc_pre_math, (0, 1, 2, 3)),
 )
 _post = declare_op("mhc", "hc_post", "(Tensor x, Tensor residual, Tensor post, Tensor comb, bool bf16_mix) -> Tensor", _fake_post,
-                  check=_check_hc_post, autograd=_autograd.recompute_backward(_bw.hc_post_math, (0, 1, 2, 3)))
+                  check=_check_hc_post, memoize_checks=True, autograd=_autograd.recompute_backward(_bw.hc_post_math, (0, 1, 2, 3)))
 _head = declare_op(
     "mhc", "hc_head", "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float norm_eps, float hc_eps) -> Tensor",
     _fake_head,
@@ -267,7 +267,7 @@ def hc_post(
     >>> v4kernels.hc_post(torch.ones(1, 2), res, torch.zeros(1, 4), comb)[0, 1]
     tensor([0., 1.])
     """
-    _check_hc_post(x, residual, post, comb, bf16_mix)
+    _post.validate(x, residual, post, comb, bf16_mix)
     if residual.numel() == 0:
         return _fake_post(x, residual, post, comb, bf16_mix)
     return _post(x.contiguous(), residual.contiguous(), post.contiguous(), comb.contiguous(), bf16_mix)

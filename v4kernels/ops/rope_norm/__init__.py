@@ -97,8 +97,11 @@ def _check_apply_rope(x, positions, freqs, inverse, round_tables) -> None:
     C.check_bool(op, "inverse", inverse)
     C.check_bool(op, "round_tables", round_tables)
     C.check_same_device(op, x=x, positions=positions, freqs=freqs)
+
+
+def _check_apply_rope_positions(x, positions, freqs, inverse, round_tables) -> None:
     if C.value_checks_enabled(positions) and positions.numel() and int(positions.min()) < 0:
-        raise ValueError(f"{op}: positions must be >= 0, got min {int(positions.min())}")
+        raise ValueError(f"apply_rope: positions must be >= 0, got min {int(positions.min())}")
 
 
 def _check_rms_norm(x, weight, eps, hf_rounding) -> None:
@@ -115,9 +118,10 @@ def _check_rms_norm(x, weight, eps, hf_rounding) -> None:
 
 
 _apply_rope = declare_op("rope_norm", "apply_rope", "(Tensor x, Tensor positions, Tensor freqs, bool inverse, bool round_tables) -> Tensor",
-                         _fake_rope, check=_check_apply_rope)
+                         _fake_rope, check=_check_apply_rope, value_check=_check_apply_rope_positions,
+                         memoize_checks=True)
 _rms_norm = declare_op("rope_norm", "rms_norm", "(Tensor x, Tensor? weight, float eps, bool hf_rounding) -> Tensor",
-                       _fake_rms, check=_check_rms_norm)
+                       _fake_rms, check=_check_rms_norm, memoize_checks=True)
 
 
 def apply_rope(
@@ -156,7 +160,7 @@ def apply_rope(
     if isinstance(positions, torch.Tensor) and positions.dim() == 1 and isinstance(x, torch.Tensor) and x.dim() >= 3:
         C.check_tensor("apply_rope", "positions", positions, shape=[x.shape[1]])
         positions = positions.unsqueeze(0).expand(x.shape[0], -1)
-    _check_apply_rope(x, positions, freqs, inverse, round_tables)
+    _apply_rope.validate(x, positions, freqs, inverse, round_tables)
     if x.numel() == 0:
         return torch.empty_like(x)
     return _apply_rope(x.contiguous(), positions.contiguous(), freqs.contiguous(), inverse, round_tables)
@@ -191,7 +195,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     >>> v4kernels.rms_norm(torch.full((1, 4), 3.0))
     tensor([[1.0000, 1.0000, 1.0000, 1.0000]])
     """
-    _check_rms_norm(x, weight, eps, hf_rounding)
+    _rms_norm.validate(x, weight, eps, hf_rounding)
     if x.numel() == 0:
         return torch.empty_like(x)
     return _rms_norm(x.contiguous(), None if weight is None else weight.contiguous(), float(eps), hf_rounding)
