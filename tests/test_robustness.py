@@ -367,7 +367,8 @@ def test_gradcheck_mhc_and_sparse_attn_fp64():
     _gradcheck_op("hc_post", B.hc_post_math, (r(2, d), r(2, hc, d), r(2, hc), r(2, hc, hc), False), (0, 1, 2, 3))
     _gradcheck_op("hc_head", B.hc_head_math, (r(2, hc, d), r(hc, hc * d), r(1), r(hc), 1e-6, 1e-6), (0, 1, 2, 3))
     idx = torch.tensor([[[0, 2, -1, 2], [-1, -1, -1, -1], [1, 3, 0, 4]]], dtype=torch.int32)
-    _gradcheck_op("sparse_attn", sparse_attn_math, (r(1, 3, 2, 512) , r(1, 5, 512), r(2), idx, 0.05), (0, 1, 2))
+    # the PyTorch form is generic in the head dim: gradcheck it at 8 (512 costs minutes of finite differences)
+    _gradcheck_op("sparse_attn", sparse_attn_math, (r(1, 3, 2, 8), r(1, 5, 8), r(2), idx, 0.3), (0, 1, 2))
 
 
 @pytest.mark.parametrize("op", ["hc_pre", "hc_post", "hc_head", "hc_split_sinkhorn", "sparse_attn"])

@@ -377,5 +377,5 @@ _case("flash_hca_chunks_decode", batch=1, dim=D, head_dim=512, ratio=128, quant=
 # --------------------------------------------------------------------------------------------
 from ._nonfinite import register_nonfinite  # noqa: E402
 
-register_nonfinite("compress_kv/csa_small_prefill_s129", ["x", "wkv", "wgate", "ape", "norm_weight", "freqs"])
-register_nonfinite("compress_kv/hca_small_prefill_s130", ["x", "wkv", "wgate", "ape"])
+register_nonfinite("compress_kv/csa_small_prefill_s129", ["x", "wkv", "wgate", "ape", "norm_weight", "freqs"], values=("nan", "inf", "ninf"))
+register_nonfinite("compress_kv/hca_small_prefill_s130", ["x", "wkv", "wgate", "ape"], values=("nan", "inf", "ninf"))
