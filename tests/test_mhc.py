@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 MHC_OPS = ("hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head")
-CASES = [c for c in all_cases() if c.op in MHC_OPS]
+CASES = [c for c in all_cases() if c.op in MHC_OPS and "nonfinite" not in c.tags]  # NaN/inf: test_parity
 NAIVE_CASES = [c for c in CASES if c.naive is not None]
 SPLIT_CASES = [c for c in CASES if c.op == "hc_split_sinkhorn" and "nonfinite" not in c.name]  # NaN cases: docs/numerics.md
 

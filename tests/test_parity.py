@@ -16,6 +16,7 @@ import v4kernels as v4k
 import v4kernels._registry as R
 from v4kernels.testing import run_case, select_cases
 from v4kernels.testing.cases.mhc import naive_hc_post
+from v4kernels.testing.cases._nonfinite import KNOWN_DRIFT
 
 CASES = select_cases(include_large=False)
 
@@ -36,7 +37,9 @@ PAIRS = runnable_pairs(CASES)
 
 
 @pytest.mark.parametrize("case,backend", PAIRS, ids=[f"{c.name}-{b}" for c, b in PAIRS])
-def test_parity(case, backend):
+def test_parity(case, backend, request):
+    if case.name in KNOWN_DRIFT.get(backend, ()):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="known NaN/inf divergence (docs/numerics.md)"))
     res = run_case(case, backend)
     assert res.status == "pass", f"{res.status}: {res.detail}"
 

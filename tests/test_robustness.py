@@ -219,11 +219,10 @@ _LAYERS_READY = os.environ.get("V4K_TEST_LAYER_TRANSACTIONS") == "1"
 
 def _tiny_layer(ratio):
     from v4kernels.layers.attention import V4Attention
-    from v4kernels.layers.config import V4Config  # noqa: F401
+    from v4kernels.layers.config import V4Config
 
-    cfg = getattr(__import__("v4kernels.layers.config", fromlist=["TINY"]), "TINY", None)
-    if cfg is None:
-        pytest.skip("no TINY config")
+    cfg = V4Config(dim=256, n_heads=4, q_lora_rank=128, o_groups=2, o_lora_rank=64, index_topk=8,
+                   n_routed_experts=8, moe_inter_dim=128, route_scale=1.5, index_n_heads=4, vocab_size=1000)
     return V4Attention(cfg, ratio, seed=0), cfg
 
 
@@ -280,11 +279,14 @@ def test_attention_rejects_cache_of_other_layer_kind_without_writing():
 # ------------------------------------------------------------------------------------------ 4
 # Gradients.
 
+def _nbytes(inputs):
+    return sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
+
+
 def _first_case(op):
-    for c in all_cases():
-        if c.op == op and not c.large and "nonfinite" not in c.tags:
-            return c
-    return None
+    """The op's smallest regular parity case."""
+    cases = [c for c in all_cases() if c.op == op and not c.large and "nonfinite" not in c.tags]
+    return min(cases, key=lambda c: _nbytes(make_inputs(c))) if cases else None
 
 
 DIFFERENTIABLE = {"hc_split_sinkhorn", "hc_pre", "hc_post", "hc_head", "sparse_attn"}
@@ -365,7 +367,8 @@ def test_gradcheck_mhc_and_sparse_attn_fp64():
     _gradcheck_op("hc_post", B.hc_post_math, (r(2, d), r(2, hc, d), r(2, hc), r(2, hc, hc), False), (0, 1, 2, 3))
     _gradcheck_op("hc_head", B.hc_head_math, (r(2, hc, d), r(hc, hc * d), r(1), r(hc), 1e-6, 1e-6), (0, 1, 2, 3))
     idx = torch.tensor([[[0, 2, -1, 2], [-1, -1, -1, -1], [1, 3, 0, 4]]], dtype=torch.int32)
-    _gradcheck_op("sparse_attn", sparse_attn_math, (r(1, 3, 2, 512) , r(1, 5, 512), r(2), idx, 0.05), (0, 1, 2))
+    # the PyTorch form is generic in the head dim: gradcheck it at 8 (512 costs minutes of finite differences)
+    _gradcheck_op("sparse_attn", sparse_attn_math, (r(1, 3, 2, 8), r(1, 5, 8), r(2), idx, 0.3), (0, 1, 2))
 
 
 @pytest.mark.parametrize("op", ["hc_pre", "hc_post", "hc_head", "hc_split_sinkhorn", "sparse_attn"])
@@ -421,8 +424,6 @@ SCALARS = [
     ("act_quant block float", lambda: v4k.act_quant(_x(), block_size=128.0), TypeError, "act_quant: block_size must be an int"),
     ("apply_rope inverse", lambda: v4k.apply_rope(torch.randn(1, 2, 1, 64), torch.arange(2), v4k.rope_frequencies(),
                                                   inverse="x"), TypeError, "apply_rope: inverse must be a bool"),
-    ("apply_rope op inverse", lambda: torch.ops.v4k.apply_rope(torch.randn(1, 2, 1, 64), torch.zeros(1, 2, dtype=torch.long),
-                                                               v4k.rope_frequencies(), 2), TypeError, "inverse"),
     ("indexer_query rotate", lambda: v4k.indexer_query(torch.randn(1, 2, 1, 128), torch.arange(2), v4k.rope_frequencies(),
                                                        rotate="x"), TypeError, "indexer_query: rotate must be a bool"),
     ("rms_norm hf_rounding", lambda: v4k.rms_norm(_x(), None, hf_rounding="yes"), TypeError, "rms_norm: hf_rounding must be a bool"),
@@ -505,10 +506,11 @@ def test_bench_quick_without_matplotlib_skips_the_plot_and_says_so(monkeypatch, 
 # Threads.
 
 def test_threads_have_separate_backend_scopes_and_recordings():
-    x = torch.randn(4, 64)
+    op = "grouped_linear"  # implemented by the reference and the cpu backend
+    x, w = torch.randn(1, 2, 2, 16), torch.randn(2, 8, 16)
     backends = ["reference", "cpu" if HAVE_CPU else "reference"]
     seen: dict[int, tuple] = {}
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(2, timeout=120)
     errors = []
 
     def work(i):
@@ -516,11 +518,12 @@ def test_threads_have_separate_backend_scopes_and_recordings():
             with v4k.use_backend(backends[i]), v4k.record_calls() as calls, v4k.track_usage() as usage:
                 barrier.wait()
                 for _ in range(20 + 5 * i):
-                    v4k.rms_norm(x, None)
+                    v4k.grouped_linear(x, w)
                 barrier.wait()
-                seen[i] = (list(calls), dict(usage), v4k.last_backend("rms_norm"))
+                seen[i] = (list(calls), dict(usage), v4k.last_backend(op))
         except Exception as e:  # noqa: BLE001
             errors.append(e)
+            barrier.abort()
 
     ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in ts:
@@ -532,9 +535,9 @@ def test_threads_have_separate_backend_scopes_and_recordings():
         calls, usage, last = seen[i]
         assert len(calls) == 20 + 5 * i
         assert {c[1] for c in calls} == {backends[i]}
-        assert usage == {("rms_norm", backends[i]): 20 + 5 * i}
+        assert usage == {(op, backends[i]): 20 + 5 * i}
         assert last == backends[i]
-    assert v4k.last_backend("rms_norm") in (None, *backends) and not R._FORCED.get()
+    assert not R._FORCED.get()
 
 
 def test_ops_from_several_threads_match_sequential_results():

@@ -62,8 +62,10 @@ def _check_common(op, q, weights, keys, key_scales, positions, ratio) -> None:
     C.check_same_device(op, q=q, weights=weights, keys=keys, key_scales=key_scales, positions=positions)
     if C.value_checks_enabled(positions) and positions.numel():
         lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= _MAX_POSITION:
-            raise ValueError(f"{op}: positions must lie in [0, 2**62), got min {lo}, max {hi}")
+        if lo < 0:
+            raise ValueError(f"{op}: positions must be >= 0, got min {lo}")
+        if hi >= _MAX_POSITION:
+            raise ValueError(f"{op}: positions must be < 2**62, got max {hi}")
 
 
 def _check_indexer_scores(q, weights, keys, key_scales, positions, ratio) -> None:

@@ -35,7 +35,7 @@ def poison(t: torch.Tensor, value: float, at: Sequence[int] | None = None) -> to
 def register_nonfinite(
     base: str,
     args: Sequence[str],
-    values: Sequence[str] = ("nan", "inf", "ninf"),
+    values: Sequence[str] = ("nan", "inf"),
     *,
     at: dict[str, Sequence[int]] | None = None,
     getter: dict[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
@@ -75,3 +75,72 @@ def register_nonfinite(
 def float_args(inputs: dict[str, Any], with_fp8: bool = True) -> list[str]:
     dts = _FLOATS + ((torch.float8_e4m3fn,) if with_fp8 else ())
     return [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dtype in dts and v.numel()]
+
+
+#: Non-finite cases a backend is known to get wrong (docs/numerics.md, "Known divergences").
+#: tests/test_parity.py marks them strict xfail: fixing a backend turns the entry into an XPASS
+#: failure, and the entry must then be removed.
+KNOWN_DRIFT: dict[str, frozenset[str]] = {
+    # Triton, measured under the CPU interpreter (TRITON_INTERPRET=1): its reductions and float8
+    # conversions treat NaN differently from PyTorch and from compiled Triton on a GPU
+    "triton": frozenset({
+        "act_dequant/3x448_b64/nonfinite_y_nan",
+        "act_quant/1x128_b128/nonfinite_x_inf",
+        "act_quant/1x128_b128/nonfinite_x_nan",
+        "act_quant/1x128_b128/nonfinite_x_ninf",
+        "act_quant_roundtrip/1x128_b128/nonfinite_x_inf",
+        "act_quant_roundtrip/1x128_b128/nonfinite_x_nan",
+        "act_quant_roundtrip/1x128_b128/nonfinite_x_ninf",
+        "compress_kv/csa_small_prefill_s129/nonfinite_ape_inf",
+        "compress_kv/csa_small_prefill_s129/nonfinite_ape_nan",
+        "compress_kv/csa_small_prefill_s129/nonfinite_norm_weight_inf",
+        "compress_kv/csa_small_prefill_s129/nonfinite_norm_weight_nan",
+        "compress_kv/csa_small_prefill_s129/nonfinite_norm_weight_ninf",
+        "compress_kv/csa_small_prefill_s129/nonfinite_wgate_inf",
+        "compress_kv/csa_small_prefill_s129/nonfinite_wgate_nan",
+        "compress_kv/csa_small_prefill_s129/nonfinite_wgate_ninf",
+        "compress_kv/csa_small_prefill_s129/nonfinite_wkv_inf",
+        "compress_kv/csa_small_prefill_s129/nonfinite_wkv_nan",
+        "compress_kv/csa_small_prefill_s129/nonfinite_wkv_ninf",
+        "compress_kv/csa_small_prefill_s129/nonfinite_x_inf",
+        "compress_kv/csa_small_prefill_s129/nonfinite_x_nan",
+        "compress_kv/csa_small_prefill_s129/nonfinite_x_ninf",
+        "compress_kv/hca_small_prefill_s130/nonfinite_ape_inf",
+        "compress_kv/hca_small_prefill_s130/nonfinite_ape_nan",
+        "compress_kv/hca_small_prefill_s130/nonfinite_wgate_inf",
+        "compress_kv/hca_small_prefill_s130/nonfinite_wgate_nan",
+        "compress_kv/hca_small_prefill_s130/nonfinite_wgate_ninf",
+        "compress_kv/hca_small_prefill_s130/nonfinite_wkv_inf",
+        "compress_kv/hca_small_prefill_s130/nonfinite_wkv_nan",
+        "compress_kv/hca_small_prefill_s130/nonfinite_wkv_ninf",
+        "compress_kv/hca_small_prefill_s130/nonfinite_x_inf",
+        "compress_kv/hca_small_prefill_s130/nonfinite_x_nan",
+        "compress_kv/hca_small_prefill_s130/nonfinite_x_ninf",
+        "fp4_act_quant/1x32/nonfinite_x_inf",
+        "fp4_act_quant/1x32/nonfinite_x_nan",
+        "fp4_act_quant/1x32/nonfinite_x_ninf",
+        "fp4_act_roundtrip/1x32/nonfinite_x_inf",
+        "fp4_act_roundtrip/1x32/nonfinite_x_nan",
+        "fp4_act_roundtrip/1x32/nonfinite_x_ninf",
+        "fp4_gemm/m1_n200_k256/nonfinite_a_nan",
+        "fp8_gemm/m1_n200_k256/nonfinite_a_nan",
+        "fp8_gemm/m1_n200_k256/nonfinite_b_nan",
+        "indexer_topk/chunk_h16_s32_topk100_fp8/nonfinite_key_scales_inf",
+        "indexer_topk/chunk_h16_s32_topk100_fp8/nonfinite_key_scales_nan",
+        "indexer_topk/chunk_h16_s32_topk100_fp8/nonfinite_key_scales_ninf",
+        "indexer_topk/chunk_h16_s32_topk100_fp8/nonfinite_keys_nan",
+        "moe_experts/fp8_e8_k6_t12/nonfinite_w1_nan",
+        "moe_experts/fp8_e8_k6_t12/nonfinite_w1_scale_inf",
+        "moe_experts/fp8_e8_k6_t12/nonfinite_w1_scale_nan",
+        "moe_experts/fp8_e8_k6_t12/nonfinite_w1_scale_ninf",
+        "pack_kv_fp8/small_fp32/nonfinite_kv_inf",
+        "pack_kv_fp8/small_fp32/nonfinite_kv_nan",
+        "pack_kv_fp8/small_fp32/nonfinite_kv_ninf",
+        "sparse_attn/flash_csa_decode_b2_h64_k640/nonfinite_q_nan",
+        "sparse_attn/prefill_m12_h4_small/nonfinite_kv_inf",
+        "sparse_attn/prefill_m12_h4_small/nonfinite_kv_nan",
+        "sparse_attn/prefill_m12_h4_small/nonfinite_kv_ninf",
+        "sparse_attn/prefill_m12_h4_small/nonfinite_q_nan",
+        "sparse_attn/prefill_m12_h4_small_fp8kv/nonfinite_q_nan",
+    }),
+}

@@ -334,8 +334,8 @@ _gl_case("g2_70x33_bf16x_fp32w", _gl_make(2, 2, 2, 70, 33, torch.bfloat16, torch
 # --------------------------------------------------------------------------------------------
 from ._nonfinite import register_nonfinite  # noqa: E402
 
-register_nonfinite("sparse_attn/flash_csa_decode_b2_h64_k640", ["q", "kv", "attn_sink"])  # decode: split-K path
-register_nonfinite("sparse_attn/prefill_m12_h4_small", ["q", "kv", "attn_sink"])
-register_nonfinite("sparse_attn/prefill_m12_h4_small_fp8kv", ["q", "attn_sink"])
+register_nonfinite("sparse_attn/flash_csa_decode_b2_h64_k640", ["q", "kv", "attn_sink"], values=("nan", "inf", "ninf"))  # split-K
+register_nonfinite("sparse_attn/prefill_m12_h4_small", ["q", "kv", "attn_sink"], values=("nan", "inf", "ninf"))
+register_nonfinite("sparse_attn/prefill_m12_h4_small_fp8kv", ["q", "attn_sink"], values=("nan", "inf", "ninf"))
 register_nonfinite("pack_kv_fp8/small_fp32", ["kv"])
 register_nonfinite("grouped_linear/g3_96x40_fp32", ["x", "weight"])

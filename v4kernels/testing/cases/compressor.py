@@ -404,5 +404,5 @@ _case("generic_fp32_overlap_ratio16", batch=1, dim=32, head_dim=32, ratio=16, qu
 # --------------------------------------------------------------------------------------------
 from ._nonfinite import register_nonfinite  # noqa: E402
 
-register_nonfinite("compress_kv/csa_small_prefill_s129", ["x", "wkv", "wgate", "ape", "norm_weight", "freqs"])
-register_nonfinite("compress_kv/hca_small_prefill_s130", ["x", "wkv", "wgate", "ape"])
+register_nonfinite("compress_kv/csa_small_prefill_s129", ["x", "wkv", "wgate", "ape", "norm_weight", "freqs"], values=("nan", "inf", "ninf"))
+register_nonfinite("compress_kv/hca_small_prefill_s130", ["x", "wkv", "wgate", "ape"], values=("nan", "inf", "ninf"))

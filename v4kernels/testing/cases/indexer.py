@@ -197,6 +197,6 @@ _register_scores("generic_h2_d16_chunk_ratio8", [list(range(30, 42))], 5, "bf16"
 # --------------------------------------------------------------------------------------------
 from ._nonfinite import register_nonfinite  # noqa: E402
 
-register_nonfinite("indexer_topk/flash_decode_b2_n1024_bf16", ["q", "weights", "keys"])
+register_nonfinite("indexer_topk/flash_decode_b2_n1024_bf16", ["q", "weights", "keys"], values=("nan", "inf", "ninf"))
 register_nonfinite("indexer_topk/chunk_h16_s32_topk100_fp8", ["keys", "key_scales"])
 register_nonfinite("indexer_scores/prefill_s64_n16_bf16", ["q", "weights", "keys"])
