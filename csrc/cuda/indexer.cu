@@ -1,7 +1,5 @@
 // Lightning-indexer kernels (SPEC §7.2): fp32 weighted-ReLU scores with the causal limit, and a
 // radix top-k select per row (topk_select.h) that mirrors the reference's stable descending sort.
-#include <cub/block/block_scan.cuh>
-
 #include "common.cuh"
 #include "topk_select.h"
 
@@ -74,14 +72,36 @@ __global__ void __launch_bounds__(kScoreThreads) indexer_scores_kernel(
 }
 
 constexpr int kTopkThreads = 512;
+constexpr int kTopkWarps = kTopkThreads / 32;
+
+// Exclusive prefix sum of `v` over the block (thread order) and the block total; all threads
+// must call it. `warp_tot` is kTopkWarps words of shared memory.
+__device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t v, uint32_t* warp_tot, uint32_t* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t inc = v;
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint32_t up = __shfl_up_sync(0xffffffffu, inc, off);
+    if (lane >= off) inc += up;
+  }
+  if (lane == 31) warp_tot[warp] = inc;
+  __syncthreads();
+  uint32_t before = 0, all = 0;
+  for (int w = 0; w < kTopkWarps; ++w) {
+    const uint32_t t = warp_tot[w];
+    if (w < warp) before += t;
+    all += t;
+  }
+  __syncthreads();  // warp_tot is reused by the next call
+  *total = all;
+  return before + inc - v;
+}
 
 // One block per row. Dynamic shared memory: kp keys + kp columns (kp = pow2 >= k).
 __global__ void __launch_bounds__(kTopkThreads) topk_select_kernel(const float* scores, int64_t ld,
                                                                     const int64_t* limits, int64_t n, int k,
                                                                     int64_t offset, int32_t* out, int kp) {
   using namespace v4k_topk;
-  using Scan = cub::BlockScan<uint32_t, kTopkThreads>;
-  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ uint32_t warp_tot[kTopkWarps];
   __shared__ uint32_t hist[kRadixSize];
   __shared__ uint32_t s_prefix, s_remaining, s_gt;
   extern __shared__ uint32_t dyn[];
@@ -139,16 +159,16 @@ __global__ void __launch_bounds__(kTopkThreads) topk_select_kernel(const float* 
       s_key[pos] = key;
       s_col[pos] = static_cast<int>(c);
     }
-    uint32_t rank = 0, total = 0;
-    Scan(scan_tmp).ExclusiveSum(eq ? 1u : 0u, rank, total);
+    uint32_t total = 0;
+    const uint32_t rank = block_exclusive_sum(eq ? 1u : 0u, warp_tot, &total);
     if (eq && eq_base + rank < need) {
       const int pos = n_gt + static_cast<int>(eq_base + rank);
       s_key[pos] = key;
       s_col[pos] = static_cast<int>(c);
     }
     eq_base += total;
-    __syncthreads();  // scan_tmp is reused by the next chunk
   }
+  __syncthreads();
   for (int i = keff + threadIdx.x; i < kp; i += blockDim.x) {
     s_key[i] = 0u;
     s_col[i] = 0x7FFFFFFF;
