@@ -44,7 +44,8 @@ def to_flashmla_cache(rows: torch.Tensor, block_size: int) -> torch.Tensor:
     padded = padded.view(nb, block_size, PACKED_DIM)
     buf[:, : block_size * FLASHMLA_DATA] = padded[:, :, :FLASHMLA_DATA].reshape(nb, -1)
     buf[:, block_size * FLASHMLA_DATA : block_size * PACKED_DIM] = padded[:, :, FLASHMLA_DATA:].reshape(nb, -1)
-    return buf[:, : block_size * PACKED_DIM].view(nb, block_size, 1, PACKED_DIM)
+    # explicit strides: block stride = padded block bytes, even when a dim has size 1
+    return torch.as_strided(buf, (nb, block_size, 1, PACKED_DIM), (buf.stride(0), PACKED_DIM, PACKED_DIM, 1))
 
 
 def from_flashmla_cache(cache: torch.Tensor, n_rows: int) -> torch.Tensor:
