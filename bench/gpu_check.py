@@ -11,7 +11,7 @@ time ratio. Installs nothing; runs from a fresh clone in a few minutes on one GP
 Workloads, FLOP/byte formulas, the timer and the roofline come from the benchmark registry
 (``v4kernels.bench``: workloads.py, timer.py, peak.py); parity uses each backend's declared
 tolerances (index-set recall for top-k). The shared parity suite (``python -m v4kernels parity``)
-runs first unless ``--no-suite``. Exit status 1 on any parity failure or kernel error.
+runs first on a GPU (``--no-suite`` skips it). Exit status 1 on any parity failure or kernel error.
 
 Targets this check reports against (for whoever runs it): sparse decode >= 70 % of HBM bandwidth
 at TP head counts, sparse prefill >= 40 % of bf16 peak at V4-Pro, indexer at 1M tokens with top-k
@@ -84,11 +84,13 @@ def _fmt(v: float, spec: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny workloads on the Triton interpreter")
-    ap.add_argument("--only", action="append", default=[], help="workload name or glob (repeatable)")
+    ap.add_argument("--only", action="append", default=[],
+                    help="workload names or globs, comma-separated or repeated (under --tiny: tiny/quick ones only)")
     ap.add_argument("--backends", default="cuda,triton", help="comma-separated backends (default: cuda,triton)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--min-time", type=float, default=0.1, help="seconds of timed calls per workload and backend")
-    ap.add_argument("--no-suite", action="store_true", help="skip the shared parity suite")
+    ap.add_argument("--suite", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the shared parity suite first (default: on a GPU yes, with --tiny no)")
     ap.add_argument("--list", action="store_true", help="list the selected workloads and exit")
     args = ap.parse_args(argv)
 
@@ -101,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
     names = TINY_WORKLOADS if args.tiny else GPU_WORKLOADS
     wls = [get_workload(n) for n in names]
-    if args.only:
-        wls = [w for w in select(patterns=args.only) if not args.tiny or "tiny" in w.tags or w.quick]
+    only = [p for o in args.only for p in o.split(",") if p]
+    if only:
+        wls = [w for w in select(patterns=only) if not args.tiny or "tiny" in w.tags or w.quick]
     if args.list:
         for w in wls:
             print(f"{w.name:55s} {w.flops:12.4g} FLOP {w.bytes:12.4g} B")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     failures = 0
 
-    if not args.no_suite:
+    if args.suite if args.suite is not None else not args.tiny:
         from v4kernels.testing import run_parity
 
         res = run_parity(backends, None, dev.type, False, None)
