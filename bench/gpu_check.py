@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", action=argparse.BooleanOptionalAction, default=None,
                     help="run the shared parity suite first (default: on a GPU yes, with --tiny no)")
     ap.add_argument("--list", action="store_true", help="list the selected workloads and exit")
+    ap.add_argument("--record", default=None, metavar="FILE",
+                    help="write {op: GPU} for every op whose cuda rows all passed (read via V4K_CUDA_VERIFIED=FILE)")
     args = ap.parse_args(argv)
 
     import v4kernels as v4k
@@ -145,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(device=str(dev), warmup=1, min_time=args.min_time, min_reps=3, max_reps=50, refcheck=True,
                           max_call_s=30.0, progress=False)
     print(f"{'workload':50s} {'backend':8s} {'parity':6s} {'us':>10s} {'TFLOP/s':>8s} {'GB/s':>7s} {'roof%':>6s}  detail")
+    cuda_ok: dict[str, bool] = {}
     for w in wls:
         rows = run_bench([w], backends, cfg, peak)
         p50 = {}
         for r in rows:
+            if r.backend == "cuda" and r.status != "skip":
+                cuda_ok[w.op] = cuda_ok.get(w.op, True) and r.status == "ok" and r.refcheck == "pass"
             if r.status == "ok":
                 ok = r.refcheck in ("pass", "self")
                 failures += not ok
@@ -163,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{w.name:50s} {r.backend:8s} skip   {r.reason[:160]}", flush=True)
         if "cuda" in p50 and "triton" in p50:
             print(f"{w.name:50s} triton/cuda time ratio {p50['triton'] / p50['cuda']:.2f}")
+    if args.record and dev.type == "cuda":
+        import datetime
+        import json
+
+        cc = torch.cuda.get_device_capability(dev)
+        stamp = f"{gpu} (sm_{cc[0]}{cc[1]}) {datetime.date.today().isoformat()}"
+        with open(args.record, "w") as f:
+            json.dump({op: stamp for op, ok in sorted(cuda_ok.items()) if ok}, f, indent=1)
+        print(f"# recorded {sum(cuda_ok.values())} verified cuda op(s) in {args.record}")
     print(f"# {failures} failure(s); {time.perf_counter() - t0:.1f} s")
     return 1 if failures else 0
 

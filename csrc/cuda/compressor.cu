@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(
   extern __shared__ float y[];  // [hd] pooled / finished entry
   __shared__ float red[kPoolThreads / 32];
   __shared__ int s_exp[64];  // one scale exponent per quantisation block (hd <= 2048)
-  const int64_t b = blockIdx.x, w = blockIdx.y;
+  const int64_t b = blockIdx.x / n_rows, w = blockIdx.x % n_rows;  // flat grid: sequences x output rows
   const int64_t n0 = n_tokens[b];
   const int64_t k = n0 % ratio;
   const int64_t nwin = (k + seq) / ratio;
@@ -180,8 +180,8 @@ __global__ void state_kernel(const float* pend_kv, const float* pend_sc, const f
                              const float* prev_kv, const float* prev_sc, const int64_t* n_tokens, int64_t seq,
                              int ratio, int hd, int overlap, float* o_pkv, float* o_psc, float* o_vkv, float* o_vsc,
                              int32_t* num_new) {
-  const int64_t b = blockIdx.y;
-  const int t = blockIdx.x;  // slot of the open window
+  const int64_t b = blockIdx.x / ratio;
+  const int t = static_cast<int>(blockIdx.x % ratio);  // slot of the open window
   const int64_t n0 = n_tokens[b];
   const int64_t k = n0 % ratio;
   const int64_t nwin = (k + seq) / ratio;
@@ -213,8 +213,7 @@ int launch_pool(const float* pkv, const float* psc, const float* nkv, const floa
                 int rope_dim, int64_t batch, int64_t seq, int ratio, int hd, int overlap, int quant, float eps,
                 void* entries, cudaStream_t st) {
   const int64_t n_rows = (seq + ratio - 1) / ratio;
-  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(n_rows));
-  pool_kernel<T><<<grid, kPoolThreads, sizeof(float) * hd, st>>>(pkv, psc, nkv, nsc, vkv, vsc, n_tokens, norm_w, nw_dt,
+  pool_kernel<T><<<static_cast<unsigned>(batch * n_rows), kPoolThreads, sizeof(float) * hd, st>>>(pkv, psc, nkv, nsc, vkv, vsc, n_tokens, norm_w, nw_dt,
                                                                   freqs, rope_dim, seq, ratio, hd, overlap, quant, eps,
                                                                   static_cast<T*>(entries), n_rows);
   return cudaGetLastError();
@@ -264,8 +263,7 @@ extern "C" int v4k_compressor_state(const float* pend_kv, const float* pend_sc, 
                                     float* out_pend_kv, float* out_pend_sc, float* out_prev_kv, float* out_prev_sc,
                                     int32_t* num_new, void* stream) {
   if (batch == 0) return 0;
-  const dim3 grid(static_cast<unsigned>(ratio), static_cast<unsigned>(batch));
-  v4k::state_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(
+  v4k::state_kernel<<<static_cast<unsigned>(batch * ratio), 256, 0, static_cast<cudaStream_t>(stream)>>>(
       pend_kv, pend_sc, new_kv, new_sc, prev_kv, prev_sc, n_tokens, seq, ratio, hd, overlap, out_pend_kv, out_pend_sc,
       out_prev_kv, out_prev_sc, num_new);
   return cudaGetLastError();

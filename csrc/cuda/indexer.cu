@@ -30,44 +30,51 @@ __global__ void __launch_bounds__(kScoreThreads) indexer_scores_kernel(
     const void* q, int q_dt, const void* w, int w_dt, const void* keys, int fmt, int k_dt, const float* scales,
     const int64_t* row_batch, const int64_t* limits, int64_t n_keys, int heads, int dim, float* out, int64_t ld) {
   extern __shared__ float smem[];
-  const int64_t r = blockIdx.y;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kScoreKeys;
+  const int64_t r = blockIdx.x;  // rows on x (up to 2^31 - 1), key tiles strided over y
   const int64_t lim = limits[r] < n_keys ? limits[r] : n_keys;
   float* orow = out + r * ld;
-  if (n0 >= lim) {  // the whole tile is past the causal limit
-    for (int j = threadIdx.x; j < kScoreKeys; j += blockDim.x)
-      if (n0 + j < n_keys) orow[n0 + j] = -INFINITY;
-    return;
-  }
   const int kd = dim + 1;  // padded key rows: no bank conflicts between keys
   float* qs = smem;
   float* ks = qs + heads * dim;
   float* ws = ks + kScoreKeys * kd;
   float* terms = ws + heads;
-  for (int i = threadIdx.x; i < heads * dim; i += blockDim.x) qs[i] = load_any(q, r * heads * dim + i, q_dt);
-  for (int i = threadIdx.x; i < heads; i += blockDim.x) ws[i] = load_any(w, r * heads + i, w_dt);
   const int64_t kb = row_batch[r];
-  for (int i = threadIdx.x; i < kScoreKeys * dim; i += blockDim.x) {
-    const int j = i / dim, d = i % dim;
-    const int64_t n = n0 + j;
-    ks[j * kd + d] = n < lim ? key_elem(keys, fmt, k_dt, scales, kb * n_keys + n, dim, d) : 0.0f;
-  }
-  __syncthreads();
-  for (int p = threadIdx.x; p < heads * kScoreKeys; p += blockDim.x) {
-    const int h = p / kScoreKeys, j = p % kScoreKeys;
-    const float* qh = qs + h * dim;
-    const float* kj = ks + j * kd;
-    float acc = 0.0f;
-    for (int d = 0; d < dim; ++d) acc = fmaf(qh[d], kj[d], acc);
-    terms[h * kScoreKeys + j] = ws[h] * fmaxf(acc, 0.0f);
-  }
-  __syncthreads();
-  for (int j = threadIdx.x; j < kScoreKeys; j += blockDim.x) {
-    const int64_t n = n0 + j;
-    if (n >= n_keys) continue;
-    float s = 0.0f;
-    for (int h = 0; h < heads; ++h) s += terms[h * kScoreKeys + j];
-    orow[n] = n < lim ? s : -INFINITY;
+  bool q_loaded = false;
+  for (int64_t n0 = static_cast<int64_t>(blockIdx.y) * kScoreKeys; n0 < n_keys;
+       n0 += static_cast<int64_t>(gridDim.y) * kScoreKeys) {
+    if (n0 >= lim) {  // the whole tile is past the causal limit (uniform over the block)
+      for (int j = threadIdx.x; j < kScoreKeys; j += blockDim.x)
+        if (n0 + j < n_keys) orow[n0 + j] = -INFINITY;
+      continue;
+    }
+    if (!q_loaded) {
+      for (int i = threadIdx.x; i < heads * dim; i += blockDim.x) qs[i] = load_any(q, r * heads * dim + i, q_dt);
+      for (int i = threadIdx.x; i < heads; i += blockDim.x) ws[i] = load_any(w, r * heads + i, w_dt);
+      q_loaded = true;
+    }
+    __syncthreads();  // the previous tile's readers are done with ks / terms
+    for (int i = threadIdx.x; i < kScoreKeys * dim; i += blockDim.x) {
+      const int j = i / dim, d = i % dim;
+      const int64_t n = n0 + j;
+      ks[j * kd + d] = n < lim ? key_elem(keys, fmt, k_dt, scales, kb * n_keys + n, dim, d) : 0.0f;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < heads * kScoreKeys; p += blockDim.x) {
+      const int h = p / kScoreKeys, j = p % kScoreKeys;
+      const float* qh = qs + h * dim;
+      const float* kj = ks + j * kd;
+      float acc = 0.0f;
+      for (int d = 0; d < dim; ++d) acc = fmaf(qh[d], kj[d], acc);
+      terms[h * kScoreKeys + j] = ws[h] * fmaxf(acc, 0.0f);
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < kScoreKeys; j += blockDim.x) {
+      const int64_t n = n0 + j;
+      if (n >= n_keys) continue;
+      float s = 0.0f;
+      for (int h = 0; h < heads; ++h) s += terms[h * kScoreKeys + j];
+      orow[n] = n < lim ? s : -INFINITY;
+    }
   }
 }
 
@@ -212,7 +219,8 @@ extern "C" int v4k_indexer_scores(const void* q, int q_dtype, const void* w, int
   cudaError_t err = cudaFuncSetAttribute(v4k::indexer_scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid(v4k::cdiv(n_keys, v4k::kScoreKeys), static_cast<unsigned>(rows));
+  const int tiles = v4k::cdiv(n_keys, v4k::kScoreKeys);
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(tiles < 65535 ? tiles : 65535));
   v4k::indexer_scores_kernel<<<grid, v4k::kScoreThreads, smem, static_cast<cudaStream_t>(stream)>>>(
       q, q_dtype, w, w_dtype, keys, key_fmt, key_dtype, key_scales, row_batch, limits, n_keys, heads, dim, out, ld);
   return cudaGetLastError();

@@ -141,8 +141,9 @@ template <typename T>
 __global__ void __launch_bounds__(kPostThreads) hc_post_kernel(const T* x, const T* res, const float* post,
                                                                 const float* comb, int64_t tokens, int hc, int dim,
                                                                 int bf16_mix, T* out) {
-  const int64_t tok = blockIdx.y;
-  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  const int dtiles = (dim + kPostThreads - 1) / kPostThreads;
+  const int64_t tok = static_cast<int64_t>(blockIdx.x) / dtiles;  // one flat grid: tokens x dim tiles
+  const int d = static_cast<int>(blockIdx.x % dtiles) * blockDim.x + threadIdx.x;
   if (tok >= tokens || d >= dim) return;
   const float xv = to_f32(x[tok * dim + d]);
   float r[kMaxHc];
@@ -180,8 +181,8 @@ int launch_pre(const void* x, const float* fn, const float* scale, const float* 
 template <typename T>
 int launch_post(const void* x, const void* res, const float* post, const float* comb, int64_t tokens, int hc, int dim,
                 int bf16_mix, void* out, cudaStream_t st) {
-  const dim3 grid(cdiv(dim, kPostThreads), static_cast<unsigned>(tokens));
-  hc_post_kernel<T><<<grid, kPostThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const T*>(res), post, comb,
+  const int64_t blocks = tokens * cdiv(dim, kPostThreads);
+  hc_post_kernel<T><<<static_cast<unsigned>(blocks), kPostThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const T*>(res), post, comb,
                                                    tokens, hc, dim, bf16_mix, static_cast<T*>(out));
   return cudaGetLastError();
 }

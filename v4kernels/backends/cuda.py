@@ -137,6 +137,22 @@ def native_reasons() -> list[str]:
     return [] if e.ok else [e.detail]
 
 
+def verified_record() -> dict[str, str]:
+    """``{op: "<GPU> (sm_XY) <date>"}`` from the file named by ``V4K_CUDA_VERIFIED`` (written by
+    ``bench/gpu_check.py --record``), or empty."""
+    import json
+
+    path = os.environ.get("V4K_CUDA_VERIFIED")
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
 #: op -> routes, in the order they are tried (filled by the ops/<family>/cuda.py modules)
 ROUTES: dict[str, list[Route]] = {}
 
@@ -205,6 +221,23 @@ class CudaBackend(Backend):
             arch = r.arch_text or "any CUDA GPU"
             out.append(f"{r.name} [{r.library}, {arch}] {r.limits} ({state})")
         return out
+
+    def op_verification(self, op: str) -> str:
+        """Support-matrix text for one op: "verified on <GPU>" when a passing ``bench/gpu_check.py
+        --record FILE`` run is named by ``V4K_CUDA_VERIFIED=FILE``; otherwise "bridged to <library>,
+        unverified" for vendor routes and "compiled only" for native ones."""
+        self.load()
+        rec = verified_record().get(op)
+        if rec:
+            return f"verified on {rec}"
+        libs = [r.library for r in ROUTES.get(op, [])]
+        parts = []
+        vend = sorted({lib for lib in libs if lib != "native"})
+        if vend:
+            parts.append(f"bridged to {'/'.join(vend)}, unverified")
+        if "native" in libs:
+            parts.append("native compiled only")
+        return "; ".join(parts) or "not yet"
 
     def build_extensions(self, ctx: BuildContext):
         if ctx.flag("V4K_BUILD_CUDA") == "0":
