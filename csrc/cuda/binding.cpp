@@ -1,7 +1,8 @@
 // torch.library binding of the native CUDA kernels: implements the v4k_impl schemas on the CUDA
 // dispatch key (the schemas are defined once, in Python, by v4kernels._registry.declare_op) and
-// two helper ops in the private namespace v4k_cuda that the Python adapters combine with vendor
-// kernels (top-k selection over precomputed scores; hc_pre after a vendor prenorm GEMM).
+// helper ops in the private namespace v4k_cuda that the Python adapters combine with vendor or
+// Triton kernels (top-k selection over precomputed scores; hc_pre after a vendor prenorm GEMM;
+// the compressor's pooling epilogue and state after Triton's projection).
 //
 // Built only when torch has CUDA (v4kernels/backends/cuda.py). Every op checks the facts its
 // raw-pointer launcher relies on, makes inputs contiguous, allocates outputs and launches on the
@@ -231,15 +232,16 @@ Tensor hc_post(const Tensor& x, const Tensor& residual, const Tensor& post, cons
 }
 
 // ------------------------------------------------------------------------------ compressor
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
-    const Tensor& x, const Tensor& wkv, const Tensor& wgate, const Tensor& ape, const Tensor& norm_weight,
-    const Tensor& freqs, const Tensor& pending_kv, const Tensor& pending_score, const Tensor& prev_kv,
-    const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio, c10::string_view quant, double eps) {
-  const char* op = "compress_kv";
-  check_cuda(x, op, "x");
-  c10::cuda::CUDAGuard guard(x.device());
-  const int64_t b = x.size(0), s = x.size(1), dm = x.size(2);
-  const int64_t hd = norm_weight.size(0), width = wkv.size(0);
+using Seven = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// Pooling + epilogue + state from the call's projected rows kv_new / sc_new [B*S, W] fp32
+// (sc_new already carries ape). `x` gives the activation dtype and the shape [B, S, D].
+Seven compress_tail(const Tensor& x, const Tensor& kv_new, const Tensor& sc_new, const Tensor& norm_weight,
+                    const Tensor& freqs, const Tensor& pending_kv, const Tensor& pending_score, const Tensor& prev_kv,
+                    const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio, c10::string_view quant, double eps,
+                    const char* op) {
+  const int64_t b = x.size(0), s = x.size(1);
+  const int64_t hd = norm_weight.size(0);
   const int overlap = ratio == 4 ? 1 : 0;
   const int rope = static_cast<int>(2 * freqs.size(0));
   int qcode;
@@ -250,24 +252,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
   } else if (quant == "fp4") {
     qcode = V4K_QUANT_FP4;
   } else {
-    TORCH_CHECK(false, "v4k_impl::compress_kv (cuda): quant must be none/fp8/fp4, got ", std::string(quant));
+    TORCH_CHECK(false, "v4k_cuda::", op, ": quant must be none/fp8/fp4, got ", std::string(quant));
   }
-  TORCH_CHECK(hd <= 2048, "v4k_impl::compress_kv (cuda): head_dim must be <= 2048, got ", hd);
-  Tensor xc = x.contiguous(), wk = wkv.contiguous(), wg = wgate.contiguous(), ap = f32(ape), nw = norm_weight.contiguous();
+  TORCH_CHECK(hd <= 2048, "v4k_cuda::", op, ": head_dim must be <= 2048, got ", hd);
+  TORCH_CHECK(kv_new.is_contiguous() && sc_new.is_contiguous() && kv_new.scalar_type() == at::kFloat &&
+                  sc_new.scalar_type() == at::kFloat && kv_new.size(0) == b * s && sc_new.sizes() == kv_new.sizes(),
+              "v4k_cuda::", op, ": kv_new / sc_new must be contiguous float32 [B*S, W]");
+  Tensor nw = norm_weight.contiguous();
   Tensor fr = f32(freqs), pk = f32(pending_kv), ps = f32(pending_score), vk = f32(prev_kv), vs = f32(prev_score);
   Tensor nt = n_tokens.to(at::kLong).contiguous();
-  auto fopt = x.options().dtype(at::kFloat);
-  Tensor kv_new = at::empty({b * s, width}, fopt), sc_new = at::empty({b * s, width}, fopt);
   void* st = stream_of(x);
   const int xd = float_code(x, op, "x");
-  check_launch(v4k_compressor_proj(xc.data_ptr(), xd, wk.data_ptr(), float_code(wkv, op, "wkv"), nullptr,
-                                   nt.data_ptr<int64_t>(), b * s, width, dm, std::max<int64_t>(s, 1), static_cast<int>(ratio),
-                                   kv_new.data_ptr<float>(), st),
-               op);
-  check_launch(v4k_compressor_proj(xc.data_ptr(), xd, wg.data_ptr(), float_code(wgate, op, "wgate"), ap.data_ptr<float>(),
-                                   nt.data_ptr<int64_t>(), b * s, width, dm, std::max<int64_t>(s, 1), static_cast<int>(ratio),
-                                   sc_new.data_ptr<float>(), st),
-               op);
   const int64_t nw_rows = (s + ratio - 1) / ratio;
   Tensor entries = at::empty({b, nw_rows, hd}, x.options());
   if (entries.numel() > 0)
@@ -288,17 +283,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
   return {entries, num_new, npk, nps, nvk, nvs, n_tokens + s};
 }
 
+Seven compress_kv(const Tensor& x, const Tensor& wkv, const Tensor& wgate, const Tensor& ape, const Tensor& norm_weight,
+                  const Tensor& freqs, const Tensor& pending_kv, const Tensor& pending_score, const Tensor& prev_kv,
+                  const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio, c10::string_view quant, double eps) {
+  const char* op = "compress_kv";
+  check_cuda(x, op, "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t b = x.size(0), s = x.size(1), dm = x.size(2), width = wkv.size(0);
+  Tensor xc = x.contiguous(), wk = wkv.contiguous(), wg = wgate.contiguous(), ap = f32(ape);
+  Tensor nt = n_tokens.to(at::kLong).contiguous();
+  auto fopt = x.options().dtype(at::kFloat);
+  Tensor kv_new = at::empty({b * s, width}, fopt), sc_new = at::empty({b * s, width}, fopt);
+  void* st = stream_of(x);
+  const int xd = float_code(x, op, "x");
+  check_launch(v4k_compressor_proj(xc.data_ptr(), xd, wk.data_ptr(), float_code(wkv, op, "wkv"), nullptr,
+                                   nt.data_ptr<int64_t>(), b * s, width, dm, std::max<int64_t>(s, 1), static_cast<int>(ratio),
+                                   kv_new.data_ptr<float>(), st),
+               op);
+  check_launch(v4k_compressor_proj(xc.data_ptr(), xd, wg.data_ptr(), float_code(wgate, op, "wgate"), ap.data_ptr<float>(),
+                                   nt.data_ptr<int64_t>(), b * s, width, dm, std::max<int64_t>(s, 1), static_cast<int>(ratio),
+                                   sc_new.data_ptr<float>(), st),
+               op);
+  return compress_tail(x, kv_new, sc_new, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score, n_tokens,
+                       ratio, quant, eps, op);
+}
+
+// v4k_cuda::compress_from_proj: the same after a projection computed elsewhere (Triton's kernel)
+Seven compress_from_proj(const Tensor& x, const Tensor& kv_new, const Tensor& sc_new, const Tensor& norm_weight,
+                         const Tensor& freqs, const Tensor& pending_kv, const Tensor& pending_score,
+                         const Tensor& prev_kv, const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio,
+                         c10::string_view quant, double eps) {
+  check_cuda(x, "compress_from_proj", "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  return compress_tail(x, kv_new, sc_new, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score, n_tokens,
+                       ratio, quant, eps, "compress_from_proj");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(v4k_cuda, m) {
   m.def("topk_select(Tensor scores, Tensor limits, int k, int offset) -> Tensor");
   m.def("hc_pre_apply(Tensor x, Tensor d, Tensor sqr_sum, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, "
         "int sinkhorn_iters, float norm_eps, float hc_eps) -> (Tensor, Tensor, Tensor)");
+  m.def("compress_from_proj(Tensor x, Tensor kv_new, Tensor sc_new, Tensor norm_weight, Tensor freqs, "
+        "Tensor pending_kv, Tensor pending_score, Tensor prev_kv, Tensor prev_score, Tensor n_tokens, int ratio, "
+        "str quant, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(v4k_cuda, CUDA, m) {
   m.impl("topk_select", &topk_select);
   m.impl("hc_pre_apply", &hc_pre_apply);
+  m.impl("compress_from_proj", &compress_from_proj);
 }
 
 TORCH_LIBRARY_IMPL(v4k_impl, CUDA, m) {

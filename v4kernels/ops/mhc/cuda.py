@@ -27,13 +27,26 @@ def _tf32_exact(w: torch.Tensor) -> bool:
     return hit
 
 
-def _native_pre_refusals(x, *rest) -> list[str]:
+#: tokens above which the fused kernel (which re-reads hc_fn for every 2 tokens) yields to Triton's
+#: tiled GEMM; the DeepGEMM route has no such limit
+FUSED_MAX_TOKENS = 512
+
+
+def _hc_refusals(x) -> list[str]:
     hc = x.shape[-2]
     return [] if hc == _HC else [f"the fused kernel is built for hc_mult = {_HC}, got {hc}"]
 
 
+def _native_pre_refusals(x, *rest) -> list[str]:
+    out = _hc_refusals(x)
+    t = x.numel() // max(1, x.shape[-1] * x.shape[-2])
+    if t > FUSED_MAX_TOKENS:
+        out.append(f"the fused decode kernel takes <= {FUSED_MAX_TOKENS} tokens, got {t} (prefill: DeepGEMM or Triton)")
+    return out
+
+
 def _dg_pre_refusals(x, hc_fn, *rest) -> list[str]:
-    out = _native_pre_refusals(x) + [f"native Sinkhorn/collapse: {r}" for r in native_reasons()]
+    out = _hc_refusals(x) + [f"native Sinkhorn/collapse: {r}" for r in native_reasons()]
     if x.dtype != torch.bfloat16:
         out.append(f"tf32_hc_prenorm_gemm takes bf16 activations, got {str(x.dtype).replace('torch.', '')}")
     elif not out and not _tf32_exact(hc_fn):
@@ -70,7 +83,8 @@ def _native_post(*args):
 register_routes("hc_pre", [
     Route("DeepGEMM tf32_hc_prenorm_gemm + native Sinkhorn/collapse", "DeepGEMM",
           "bf16 x, hc_mult 4, TF32-exact hc_fn", _dg_pre, _dg_pre_refusals, ((9, -1), (10, -1)), "SM90/SM100"),
-    Route("native fused hc_pre", "native", "hc_mult 4, any float dtype", _native_pre, _native_pre_refusals),
+    Route("native fused hc_pre", "native", f"hc_mult 4, any float dtype, <= {FUSED_MAX_TOKENS} tokens (decode)",
+          _native_pre, _native_pre_refusals),
 ])
 register_routes("hc_post", [
     Route("native hc_post", "native", "hc_mult 1..8, any float dtype", _native_post, _post_refusals),
