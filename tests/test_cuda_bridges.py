@@ -244,10 +244,12 @@ def test_deepgemm_indexer_adapter(fake_vendors, monkeypatch, h):
         return select_topk(sc, lim, k, off)
 
     monkeypatch.setattr(I, "_select", host_select)  # the native select is checked in test_cuda_topk_host.py
-    got_idx = I._dg_topk(q, w, keys, ks, pos, 16, 4, 7)
     exp_idx = reference_kernel("indexer_topk")(q, w, keys, ks, pos, 16, 4, 7)
-    for a, e in zip(got_idx.reshape(-1, 16), exp_idx.reshape(-1, 16)):
-        assert set(a.tolist()) == set(e.tolist())
+    for chunk in (1 << 26, 200):  # whole batch in one launch / row chunks per sequence
+        monkeypatch.setattr(I, "_CHUNK_ELEMS", chunk)
+        got_idx = I._dg_topk(q, w, keys, ks, pos, 16, 4, 7)
+        for a, e in zip(got_idx.reshape(-1, 16), exp_idx.reshape(-1, 16)):
+            assert set(a.tolist()) == set(e.tolist())
 
 
 def test_fp8_exact_query_rejects_inexact():
