@@ -7,6 +7,8 @@
 // Built only when torch has CUDA (v4kernels/backends/cuda.py). Every op checks the facts its
 // raw-pointer launcher relies on, makes inputs contiguous, allocates outputs and launches on the
 // current stream of the input's device.
+#include <Python.h>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -343,3 +345,11 @@ TORCH_LIBRARY_IMPL(v4k_impl, CUDA, m) {
   m.impl("hc_post", &hc_post);
   m.impl("compress_kv", &compress_kv);
 }
+
+// `import v4kernels._C_cuda` runs the registrations above (static initialisers); the module
+// itself exposes nothing.
+static struct PyModuleDef v4k_cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",
+                                             "v4kernels native CUDA kernels (torch.ops.v4k_impl / v4k_cuda)", -1,
+                                             nullptr};
+
+PyMODINIT_FUNC PyInit__C_cuda(void) { return PyModule_Create(&v4k_cuda_module); }
