@@ -34,6 +34,13 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH (se
 WERROR = ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
 
 
+def _cuda_home() -> str:
+    """The toolkit root; nvcc may be a wrapper script elsewhere, so ask it (``_HERE_`` = its bin)."""
+    r = subprocess.run([NVCC, "--dryrun", "-c", "x.cu"], capture_output=True, text=True)
+    m = re.search(r"_HERE_=(\S+)", r.stderr + r.stdout)
+    return os.path.dirname(os.path.realpath(m.group(1))) if m else os.path.dirname(os.path.dirname(os.path.realpath(NVCC)))
+
+
 def _archs() -> list[str]:
     out = subprocess.run([NVCC, "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
     archs = ["80", "90a"]
@@ -129,3 +136,41 @@ def test_binding_unit_against_torch_headers(objects):
     if status == "skip":
         pytest.skip(detail)
     assert status == "ok", detail
+
+
+CHECK_IMPORT = """
+import torch, v4kernels, v4kernels._C_cuda
+from v4kernels._registry import native_kernels
+ops = sorted(native_kernels("CUDA"))
+helpers = [n for n in ("topk_select", "hc_pre_apply", "compress_from_proj")
+           if torch._C._dispatch_has_kernel_for_dispatch_key("v4k_cuda::" + n, "CUDA")]
+print("OPS", ",".join(ops))
+print("HELPERS", ",".join(helpers))
+"""
+
+
+def test_extension_builds_with_cuda_torch(tmp_path):
+    """Opt-in full build: ``V4K_CUDA_TORCH_PYTHON`` names a Python whose torch has CUDA (a side
+    venv with e.g. ``torch==2.14.1`` built for CUDA 13). The repository is exported to a temporary
+    directory, ``setup.py build_ext --inplace`` builds ``v4kernels._C_cuda`` for sm_90a with
+    ``V4K_BUILD_CUDA=1``, and the module must import (no GPU needed) and register every native op
+    on the CUDA dispatch key."""
+    py = os.environ.get("V4K_CUDA_TORCH_PYTHON")
+    if not py:
+        pytest.skip("set V4K_CUDA_TORCH_PYTHON to a python with a CUDA torch to build the extension")
+    src = tmp_path / "src"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", ROOT, "archive", "HEAD"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    for rel in glob.glob("csrc/cuda/*", root_dir=ROOT) + glob.glob("v4kernels/**/*.py", root_dir=ROOT, recursive=True):
+        if os.path.isfile(os.path.join(ROOT, rel)):
+            shutil.copy(os.path.join(ROOT, rel), src / rel)  # the working tree, not only HEAD
+    env = dict(os.environ, V4K_BUILD_CPU="0", V4K_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0a", MAX_JOBS="2")
+    env.setdefault("CUDA_HOME", _cuda_home())
+    r = subprocess.run([py, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run([py, "-W", "ignore", "-c", CHECK_IMPORT], cwd=src, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    assert lines["OPS"].split(",") == ["compress_kv", "hc_post", "hc_pre", "indexer_scores", "indexer_topk"]
+    assert lines["HELPERS"].split(",") == ["topk_select", "hc_pre_apply", "compress_from_proj"]
