@@ -222,6 +222,10 @@ class CudaBackend(Backend):
             out.append(f"{r.name} [{r.library}, {arch}] {r.limits} ({state})")
         return out
 
+    def limits(self, op: str) -> list[str]:
+        """``info -v`` lines for ``op``: every route with its library, SM, limits and presence."""
+        return self.routes(op)
+
     def op_verification(self, op: str) -> str:
         """Support-matrix text for one op: "verified on <GPU>" when a passing ``bench/gpu_check.py
         --record FILE`` run is named by ``V4K_CUDA_VERIFIED=FILE``; otherwise "bridged to <library>,
