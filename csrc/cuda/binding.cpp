@@ -244,7 +244,8 @@ Seven compress_tail(const Tensor& x, const Tensor& kv_new, const Tensor& sc_new,
                     const char* op) {
   const int64_t b = x.size(0), s = x.size(1);
   const int64_t hd = norm_weight.size(0);
-  const int overlap = ratio == 4 ? 1 : 0;
+  // overlapping (CSA) windows iff the projections carry two halves (W == 2·hd): ratio 4 in V4
+  const int overlap = kv_new.size(1) == 2 * hd ? 1 : 0;
   const int rope = static_cast<int>(2 * freqs.size(0));
   int qcode;
   if (quant == "none") {
