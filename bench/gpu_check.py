@@ -1,269 +1,184 @@
-"""One-shot check of the Triton backend on a GPU: parity against the reference at real
-DeepSeek-V4 dimensions, then timings with achieved TFLOP/s and GB/s. Finishes in a few minutes.
+"""One-shot GPU check of the ``cuda`` and ``triton`` backends: parity against the reference at
+DeepSeek-V4-Flash and V4-Pro dimensions (tensor-parallel head counts 8, 16, 32 included), then
+time, TFLOP/s, GB/s and the fraction of the GPU's roofline per workload, and the Triton-over-cuda
+time ratio. Installs nothing; runs from a fresh clone in a few minutes on one GPU.
 
-    python bench/gpu_check.py                  # CUDA (or NPU with Triton-Ascend), V4-Flash dims
-    python bench/gpu_check.py --only sparse_attn_decode,indexer_topk
-    TRITON_INTERPRET=1 python bench/gpu_check.py --tiny   # CPU interpreter, tiny shapes, parity only
+    python bench/gpu_check.py                       # all selected workloads, cuda + triton
+    python bench/gpu_check.py --only 'sparse_attn/*decode*' --backends cuda
+    python bench/gpu_check.py --list                # the workloads it would run
+    TRITON_INTERPRET=1 python bench/gpu_check.py --tiny   # CPU smoke test: tiny workloads, Triton interpreter
 
-Prints one line per workload: PASS/FAIL, the parity metric, median time, TFLOP/s, GB/s; exits 1
-if any parity check fails. Bytes count the compulsory traffic (inputs read once, outputs
-written once); FLOPs count multiply-adds as two.
+Workloads, FLOP/byte formulas, the timer and the roofline come from the benchmark registry
+(``v4kernels.bench``: workloads.py, timer.py, peak.py); parity uses each backend's declared
+tolerances (index-set recall for top-k). The shared parity suite (``python -m v4kernels parity``)
+runs first on a GPU (``--no-suite`` skips it). Exit status 1 on any parity failure or kernel error.
+
+Targets this check reports against (for whoever runs it): sparse decode >= 70 % of HBM bandwidth
+at TP head counts, sparse prefill >= 40 % of bf16 peak at V4-Pro, indexer at 1M tokens with top-k
+< 1 ms.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from typing import Any, Callable
-
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import v4kernels as v4k  # noqa: E402
-import v4kernels._registry as R  # noqa: E402
-from v4kernels.testing import compare_outputs, compare_topk  # noqa: E402
+import torch  # noqa: E402
+
+#: registry workloads the full check runs: every op, decode and prefill, Flash and Pro, TP heads
+GPU_WORKLOADS = [
+    # sparse attention: TP head counts 8/16/32/64/128, bf16 and FP8 KV, FlashMLA's V4 test shapes
+    "sparse_attn/flash-decode-csa-h8-ctx128k", "sparse_attn/flash-decode-csa-h16-ctx128k",
+    "sparse_attn/flash-decode-csa-h32-ctx128k", "sparse_attn/flash-decode-csa-h64-ctx128k",
+    "sparse_attn/pro-decode-csa-h8-ctx128k", "sparse_attn/pro-decode-csa-h32-ctx128k",
+    "sparse_attn/pro-decode-csa-h128-ctx128k", "sparse_attn/pro-decode-hca-h16-ctx128k",
+    "sparse_attn/flash-decode-csa-fp8kv-b32-h64-ctx64k", "sparse_attn/pro-decode-csa-fp8kv-b32-h128-ctx64k",
+    "sparse_attn/flashmla-decode-h64-b64-sk16k", "sparse_attn/flashmla-decode-h128-b64-sk16k",
+    "sparse_attn/flash-prefill-csa-s4096-h16", "sparse_attn/flash-prefill-csa-s4096-h64",
+    "sparse_attn/pro-prefill-csa-s4096-h16", "sparse_attn/pro-prefill-csa-s4096-h128",
+    "sparse_attn/flashmla-prefill-h128-k1024-skv32k",
+    "pack_kv_fp8/flash-prefill-b1-s4096", "unpack_kv_fp8/flash-prefill-b1-s4096",
+    "grouped_linear/flash-decode-b64-s1", "grouped_linear/pro-prefill-b1-s4096",
+    # indexer: 1M-token decode with top-k, batched decode, prefill; FP8 / FP4 / bf16 keys
+    "indexer_topk/flash-decode-b1-ctx1m-fp8", "indexer_topk/pro-decode-b1-ctx1m-fp4",
+    "indexer_topk/flash-decode-b32-ctx64k-fp8", "indexer_topk/flash-decode-b1-ctx128k-bf16",
+    "indexer_topk/pro-prefill-s4096-bf16", "indexer_scores/decode-b1-ctx128k-bf16", "indexer_scores/prefill-s4096-bf16",
+    "window_indices/decode-b64-ctx64k", "compressed_indices/decode-b1-ctx1m",
+    # compressor: CSA (fp8), indexer (fp4), HCA; decode and prefill
+    "compress_kv/flash-csa-decode-b64-s1", "compress_kv/flash-csa-prefill-b1-s4096",
+    "compress_kv/flash-csa-indexer-prefill-b1-s4096", "compress_kv/pro-hca-prefill-b1-s4096",
+    "compress_kv/pro-csa-indexer-decode-b64-s1",
+    # mHC
+    "hc_pre/flash-decode-b1-s1", "hc_pre/pro-decode-b64-s1", "hc_pre/flash-prefill-b1-s4096",
+    "hc_post/flash-decode-b64-s1", "hc_post/pro-decode-b1-s1", "hc_post/pro-prefill-b1-s4096",
+    "hc_head/pro-decode-b64-s1", "hc_split_sinkhorn/challenge-4k-decode-b16-s1",
+    # MoE and GEMMs
+    "moe_gate/flash-decode-t64", "moe_gate/pro-prefill-t4096-hash",
+    "moe_experts/flash-ep8-fp8-decode-t64", "moe_experts/pro-ep8-fp8-prefill-t4096",
+    "moe_experts/flash-ep8-fp4-decode-t64",
+    "fp8_gemm/flash-decode-m64-n1024-k4096", "fp8_gemm/pro-prefill-m4096-n1536-k7168",
+    "fp4_gemm/pro-decode-m64-n3072-k7168",
+    # quantisation, RoPE, norms
+    "act_quant/pro-prefill-t4096", "act_quant_roundtrip/flash-kv-decode-t64", "hadamard_transform/flash-prefill-t4096",
+    "fp4_act_quant/pro-decode-t64", "fp4_act_roundtrip/flash-prefill-t4096", "act_dequant/flash-decode-t64",
+    "fp4_act_dequant/pro-decode-t64", "apply_rope/pro-prefill-b1-s4096-q", "rms_norm/flash-prefill-b1-s4096-hidden",
+]
+
+#: the CPU smoke test (--tiny): tiny registry workloads, Triton through the interpreter
+TINY_WORKLOADS = [
+    "sparse_attn/tiny-decode-b4-h8-k256", "sparse_attn/tiny-decode-fp8kv-b4-h8-k256", "indexer_topk/tiny-decode-b2-n2048-fp8",
+    "indexer_scores/tiny-decode-b2-n2048-fp4", "fp8_gemm/tiny-m64-n256-k512",
+    "moe_experts/tiny-bf16-t16", "grouped_linear/tiny-b4-g2", "compress_kv/flash-csa-decode-b4-s1",
+    "hc_split_sinkhorn/challenge-1k-decode-b64-s1",
+]
 
 
-def _rand(shape, dev, dtype=torch.bfloat16, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(dev)
-
-
-def workloads(dev: torch.device, tiny: bool) -> dict[str, Callable[[], tuple[Callable[[], Any], float, float, str]]]:
-    """name -> builder returning (call, flops, bytes, compare kind)."""
-    f = (lambda full, small: small if tiny else full)
-
-    def act_quant():
-        x = _rand((f(8192, 4), 7168), dev)
-        return (lambda: v4k.act_quant(x, 128)), 0.0, x.numel() * 3 + x.numel() / 32, "exact"
-
-    def fp8_gemm():
-        m, n, k = f(2048, 3), f(4096, 130), f(7168, 256)
-        a, a_s = v4k.act_quant(_rand((m, k), dev), 128)
-        b = _rand((n, k), dev, scale=30).to(torch.float8_e4m3fn)
-        b_s = torch.rand((n + 127) // 128, k // 128, device=dev) + 0.5
-        return (lambda: v4k.fp8_gemm(a, a_s, b, b_s)), 2.0 * m * n * k, m * k + n * k + 2 * m * n, "close"
-
-    def fp4_gemm():
-        m, n, k = f(2048, 3), f(4096, 64), f(4096, 128)
-        a, a_s = v4k.act_quant(_rand((m, k), dev), 128)
-        b, b_s = v4k.fp4_act_quant(_rand((n, k), dev), 32)
-        return (lambda: v4k.fp4_gemm(a, a_s, b, b_s)), 2.0 * m * n * k, m * k + n * k / 2 + 2 * m * n, "close"
-
-    def rope_rms():
-        x = _rand((f(4096, 2), 1, 64, 512), dev)
-        pos = torch.arange(x.shape[0], device=dev).reshape(-1, 1)
-        fr = v4k.v4_rope_frequencies(True, device=dev)
-        return (lambda: v4k.rms_norm(v4k.apply_rope(x, pos, fr), None)), 0.0, 8.0 * x.numel(), "close"
-
-    def _attn(b, m, h, n, k, packed):
-        q = _rand((b, m, h, 512), dev, seed=1)
-        kv = _rand((b, n, 512), dev, seed=2)
-        g = torch.Generator().manual_seed(3)
-        idx = torch.randint(0, n, (b, m, k), generator=g, dtype=torch.int32).to(dev)
-        sink = torch.randn(h, generator=g).to(dev)
-        kvx = v4k.pack_kv_fp8(kv) if packed else kv
-        row = 584 if packed else 1024
-        return ((lambda: v4k.sparse_attn(q, kvx, sink, idx)), 4.0 * b * m * h * k * 512,
-                b * m * (k * row + 2 * h * 512 * 2 + 4 * k), "close")
-
-    def sparse_attn_decode():
-        return _attn(f(32, 2), 1, f(64, 8), f(8192, 300), f(640, 200), False)
-
-    def sparse_attn_decode_fp8kv():
-        return _attn(f(32, 2), 1, f(64, 8), f(8192, 300), f(640, 200), True)
-
-    def sparse_attn_prefill():
-        return _attn(1, f(1024, 6), f(64, 4), f(4096, 100), f(640, 70), False)
-
-    def indexer_topk():
-        b, n, topk = f(8, 2), f(65536, 256), f(512, 40)
-        q = _rand((b, 1, 64, 128), dev, seed=4)
-        w = _rand((b, 1, 64), dev, dtype=torch.float32, seed=5)
-        keys, ks = v4k.fp4_act_quant(_rand((b, n, 128), dev, seed=6), 32)
-        pos = torch.full((b, 1), 4 * n - 1, dtype=torch.int64, device=dev)
-        return ((lambda: v4k.indexer_topk(q, w, keys, pos, topk, offset=128, key_scales=ks)),
-                2.0 * b * 64 * 128 * n, b * n * (64 + 16), "topk")
-
-    def hc_pre():
-        t, d = f(4096, 3), f(4096, 64)
-        x = _rand((t, 4, d), dev, seed=7)
-        fn = _rand((24, 4 * d), dev, dtype=torch.float32, scale=0.02, seed=8)
-        sc, base = torch.rand(3, device=dev), _rand((24,), dev, dtype=torch.float32, seed=9)
-        return (lambda: v4k.hc_pre(x, fn, sc, base)), 2.0 * t * 24 * 4 * d, 2 * x.numel() + t * d * 2 + fn.numel() * 4, "close"
-
-    def hc_post():
-        t, d = f(4096, 3), f(4096, 64)
-        x = _rand((t, d), dev, seed=10)
-        res = _rand((t, 4, d), dev, seed=11)
-        post = torch.rand(t, 4, device=dev) * 2
-        comb = torch.softmax(_rand((t, 4, 4), dev, dtype=torch.float32, seed=12), -1)
-        return (lambda: v4k.hc_post(x, res, post, comb)), 2.0 * t * 4 * 5 * d, 2 * (x.numel() + 2 * res.numel()), "close"
-
-    def moe_gate():
-        t, e, d = f(4096, 5), f(256, 20), f(4096, 64)
-        x = _rand((t, d), dev, seed=13)
-        w = _rand((e, d), dev, seed=14)
-        bias = _rand((e,), dev, dtype=torch.float32, seed=15)
-        return (lambda: v4k.moe_gate(x, w, bias=bias, topk=6, route_scale=1.5)), 2.0 * t * e * d, 2 * (t * d + e * d), "gate"
-
-    def moe_experts_fp4():
-        from v4kernels.ops.moe.reference import quantize_fp4_rows
-
-        t, d, i, e, k = f(512, 4), f(4096, 128), f(2048, 128), f(32, 6), 6
-        x = _rand((t, d), dev, seed=16)
-        g = torch.Generator().manual_seed(17)
-        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(torch.int32).to(dev)
-        wts = torch.rand(t, k, generator=g).to(dev)
-        ws = [quantize_fp4_rows(_rand(s, dev, dtype=torch.float32, scale=0.02, seed=18 + j)) for j, s in enumerate([(e, i, d), (e, i, d), (e, d, i)])]
-        (w1, s1), (w3, s3), (w2, s2) = ws
-        return (lambda: v4k.moe_experts(x, wts, ids, w1, w3, w2, w1_scale=s1, w3_scale=s3, w2_scale=s2)), 2.0 * t * k * 3 * d * i, 3 * e * i * d / 2 + 4 * t * d, "close"
-
-    def _compress(ratio, hd, quant):
-        from v4kernels.testing.cases.compressor import make_compressor_inputs
-
-        b, s, d = 1, f(4096, 130 if ratio == 128 else 37), f(4096, 64)
-        inp = make_compressor_inputs(torch.Generator().manual_seed(20), dev, batch=b, tokens=s, dim=d, head_dim=hd, ratio=ratio)
-        x = inp.pop("x")
-
-        def call():  # prefill from a fresh state; returns entries, counts and the new state
-            st = v4k.CompressorState.empty(b, ratio, hd, device=dev)
-            e, n = v4k.compress_kv(x, **inp, state=st, ratio=ratio, quant=quant)
-            return (e, n, *st.tensors())
-
-        w = inp["wkv"].shape[0]
-        return (call, 2.0 * b * s * d * 2 * w, x.numel() * 2 + 2 * w * d * 2 + b * (s // ratio) * hd * 2 + 16 * b * ratio * w,
-                f"compress:{quant}")
-
-    def compress_kv_csa():
-        return _compress(4, 512, "fp8")
-
-    def compress_kv_hca():
-        return _compress(128, 512, "fp8")
-
-    def compress_kv_indexer():
-        return _compress(4, 128, "fp4")
-
-    def _indices(op, device_fn, public_fn, numel):
-        # the public op computes on the host (Python-int start positions); on an accelerator the
-        # Triton kernel builds the same lists from a device tensor of start positions
-        def call():
-            if dev.type != "cpu" and R.forced_backend(op) == "triton":
-                return device_fn()
-            return public_fn().to(dev)
-
-        return call, 0.0, 4.0 * numel, "equal"
-
-    def window_indices():
-        from v4kernels.ops.indices.triton import window_indices_on
-
-        sp, s, w = [4096 * j + 7 for j in range(f(16, 2))], f(1024, 9), 128
-        spt = torch.tensor(sp, dtype=torch.int64, device=dev)
-        return _indices("window_indices", lambda: window_indices_on(spt, s, w, "chunk", w),
-                        lambda: v4k.window_indices(sp, s, w, "chunk"), len(sp) * s * w)
-
-    def compressed_indices():
-        from v4kernels.ops.indices.triton import compressed_indices_on
-
-        sp, s, r = [4096 * j + 7 for j in range(f(16, 2))], f(1024, 9), 128
-        width = max(p + s for p in sp) // r
-        spt = torch.tensor(sp, dtype=torch.int64, device=dev)
-        return _indices("compressed_indices", lambda: compressed_indices_on(spt, s, r, 128 + s, width),
-                        lambda: v4k.compressed_indices(sp, s, r, 128 + s, "chunk"), len(sp) * s * width)
-
-    return {fn.__name__: fn for fn in (act_quant, fp8_gemm, fp4_gemm, rope_rms, sparse_attn_decode, sparse_attn_decode_fp8kv,
-                                        sparse_attn_prefill, indexer_topk, hc_pre, hc_post, moe_gate, moe_experts_fp4,
-                                        compress_kv_csa, compress_kv_hca, compress_kv_indexer, window_indices,
-                                        compressed_indices)}
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    elif dev.type == "npu":
-        torch.npu.synchronize()  # type: ignore[attr-defined]
-
-
-def _time(call: Callable[[], Any], dev: torch.device, reps: int) -> float:
-    call()
-    _sync(dev)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        call()
-        _sync(dev)
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
-
-
-def _parity(kind: str, a: Any, e: Any) -> tuple[bool, str]:
-    tol = R.get_backend("triton").tolerances
-    if kind == "topk":
-        r = compare_topk(a, e)
-        return r.ok, r.message or f"recall={r.cosine:.4f}"
-    if kind.startswith("compress:"):
-        from v4kernels.testing.cases.compressor import compare_plan_outputs
-
-        r = compare_plan_outputs(a, e, kind.split(":")[1], 64, tol)
-        return r.ok, r.message[:200] if r.message else f"entries max_abs={r.max_abs:.3g} cos={r.cosine:.6f}"
-    if kind == "equal":
-        ok = a.dtype == e.dtype and torch.equal(a.cpu(), e.cpu())
-        return ok, f"exact, {a.numel()} entries" if ok else "lists differ"
-    if kind == "gate":
-        ok = torch.equal(a[1].cpu(), e[1].cpu())
-        r = compare_outputs(a[0], e[0], tol)
-        return ok and r.ok, ("ids equal, " if ok else "ids differ, ") + (r.message or f"max_abs={r.max_abs:.3g}")
-    r = compare_outputs(a, e, tol)
-    return r.ok, r.message[:200] if r.message else f"max_abs={r.max_abs:.3g} cos={r.cosine:.6f}"
+def _fmt(v: float, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU interpreter (parity only)")
-    ap.add_argument("--only", default="", help="comma-separated workload names")
-    ap.add_argument("--device", default=None, help="cuda (default when available), npu or cpu")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny workloads on the Triton interpreter")
+    ap.add_argument("--only", action="append", default=[],
+                    help="workload names or globs, comma-separated or repeated (under --tiny: tiny/quick ones only)")
+    ap.add_argument("--backends", default="cuda,triton", help="comma-separated backends (default: cuda,triton)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--min-time", type=float, default=0.1, help="seconds of timed calls per workload and backend")
+    ap.add_argument("--suite", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the shared parity suite first (default: on a GPU yes, with --tiny no)")
+    ap.add_argument("--list", action="store_true", help="list the selected workloads and exit")
+    ap.add_argument("--record", default=None, metavar="FILE",
+                    help="write {op: GPU} for every op whose cuda rows all passed (read via V4K_CUDA_VERIFIED=FILE)")
     args = ap.parse_args(argv)
-    if args.device:
-        dev = torch.device(args.device)
-    elif args.tiny or not torch.cuda.is_available():
-        dev = torch.device("cpu")
-    else:
-        dev = torch.device("cuda")
+
+    import v4kernels as v4k
+    from v4kernels.bench import timer  # noqa: F401  (the registry's timer, used by run_bench)
+    from v4kernels.bench.peak import measure_peak
+    from v4kernels.bench.runner import BenchConfig, run_bench
+    from v4kernels.bench.workloads import get_workload, select
+
+    dev = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    names = TINY_WORKLOADS if args.tiny else GPU_WORKLOADS
+    wls = [get_workload(n) for n in names]
+    only = [p for o in args.only for p in o.split(",") if p]
+    if only:
+        wls = [w for w in select(patterns=only) if not args.tiny or "tiny" in w.tags or w.quick]
+    if args.list:
+        for w in wls:
+            print(f"{w.name:55s} {w.flops:12.4g} FLOP {w.bytes:12.4g} B")
+        return 0
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        print("running on CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
+        print("on the CPU this check needs TRITON_INTERPRET=1 (Triton interpreter); on a GPU run it without --tiny")
         return 2
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    print(f"# v4kernels triton check on {name} (torch {torch.__version__}){' [tiny]' if args.tiny else ''}")
-    wl = workloads(dev, args.tiny)
-    only = [s for s in args.only.split(",") if s]
-    bad = [s for s in only if s not in wl]
-    if bad:
-        print(f"unknown workloads {bad}; choose from {sorted(wl)}")
-        return 2
-    fails = 0
-    t_start = time.perf_counter()
-    print(f"{'workload':28s} {'parity':6s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>8s}  detail")
-    for wname, build in wl.items():
-        if only and wname not in only:
-            continue
-        call, flops, nbytes, kind = build()
-        with v4k.use_backend("triton"):
-            got = call()
-        with v4k.use_backend("reference"):
-            exp = call()
-        ok, detail = _parity(kind, got, exp)
-        fails += not ok
-        ms = tf = gb = float("nan")
-        if dev.type != "cpu":
-            with v4k.use_backend("triton"):
-                s = _time(call, dev, args.reps)
-            ms, tf, gb = s * 1e3, flops / s / 1e12, nbytes / s / 1e9
-        print(f"{wname:28s} {'PASS' if ok else 'FAIL':6s} {ms:9.3f} {tf:8.2f} {gb:8.1f}  {detail}", flush=True)
-    print(f"# {fails} failure(s); {time.perf_counter() - t_start:.1f} s")
-    return 1 if fails else 0
+    backends = [b for b in args.backends.split(",") if b]
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)"
+    print(f"# v4kernels {v4k.__version__} gpu_check on {gpu}; torch {torch.__version__}; backends {backends}")
+    if dev.type == "cuda":
+        from v4kernels.backends import cuda as CB
+
+        cc = torch.cuda.get_device_capability(dev)
+        print(f"# sm_{cc[0]}{cc[1]}; " + "; ".join(CB.vendor(n).detail for n in CB.VENDOR_MODULES))
+    t0 = time.perf_counter()
+    failures = 0
+
+    if args.suite if args.suite is not None else not args.tiny:
+        from v4kernels.testing import run_parity
+
+        res = run_parity(backends, None, dev.type, False, None)
+        bad = [r for r in res if r.status in ("fail", "error")]
+        counts = {s: sum(r.status == s for r in res) for s in ("pass", "fail", "error", "skip")}
+        print(f"# parity suite: {counts} ({time.perf_counter() - t0:.1f} s)")
+        for r in bad:
+            print(f"FAIL suite {r.backend:8s} {r.case} {r.detail[:200]}")
+        failures += len(bad)
+
+    peak = measure_peak(str(dev), quick=True)
+    print(f"# roofs: {peak.gbs:.0f} GB/s, bf16 {peak.compute_gflops('bf16') / 1e3:.0f} TFLOP/s, "
+          f"fp8 {peak.compute_gflops('fp8') / 1e3:.0f} TFLOP/s ({peak.source})")
+    if dev.type == "cpu":  # smoke test: parity plus one timed call (interpreter timings mean nothing)
+        cfg = BenchConfig(device=str(dev), warmup=0, min_time=0.0, min_reps=1, max_reps=1, refcheck=True,
+                          max_call_s=1e9, progress=False)
+    else:
+        cfg = BenchConfig(device=str(dev), warmup=1, min_time=args.min_time, min_reps=3, max_reps=50, refcheck=True,
+                          max_call_s=30.0, progress=False)
+    print(f"{'workload':50s} {'backend':8s} {'parity':6s} {'us':>10s} {'TFLOP/s':>8s} {'GB/s':>7s} {'roof%':>6s}  detail")
+    cuda_ok: dict[str, bool] = {}
+    for w in wls:
+        rows = run_bench([w], backends, cfg, peak)
+        p50 = {}
+        for r in rows:
+            if r.backend == "cuda" and r.status != "skip":
+                cuda_ok[w.op] = cuda_ok.get(w.op, True) and r.status == "ok" and r.refcheck == "pass"
+            if r.status == "ok":
+                ok = r.refcheck in ("pass", "self")
+                failures += not ok
+                p50[r.backend] = r.p50_us
+                print(f"{w.name:50s} {r.backend:8s} {'PASS' if ok else 'FAIL':6s} {_fmt(r.p50_us, '10.1f')} "
+                      f"{_fmt(r.gflops / 1e3, '8.2f')} {_fmt(r.gbs, '7.0f')} {_fmt(100 * r.frac_roofline, '6.1f')}  "
+                      f"{r.refcheck_detail[:120]}", flush=True)
+            elif r.status == "error":
+                failures += 1
+                print(f"{w.name:50s} {r.backend:8s} ERROR  {r.reason[:200]}", flush=True)
+            else:
+                print(f"{w.name:50s} {r.backend:8s} skip   {r.reason[:160]}", flush=True)
+        if "cuda" in p50 and "triton" in p50:
+            print(f"{w.name:50s} triton/cuda time ratio {p50['triton'] / p50['cuda']:.2f}")
+    if args.record and dev.type == "cuda":
+        import datetime
+        import json
+
+        cc = torch.cuda.get_device_capability(dev)
+        stamp = f"{gpu} (sm_{cc[0]}{cc[1]}) {datetime.date.today().isoformat()}"
+        with open(args.record, "w") as f:
+            json.dump({op: stamp for op, ok in sorted(cuda_ok.items()) if ok}, f, indent=1)
+        print(f"# recorded {sum(cuda_ok.values())} verified cuda op(s) in {args.record}")
+    print(f"# {failures} failure(s); {time.perf_counter() - t0:.1f} s")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -444,7 +444,8 @@ def test_gpu_check_tiny_runs_here():
     # 2-core machine is ~100x slower for these small products
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--only",
-                        "act_quant,sparse_attn_decode_fp8kv,hc_pre,compress_kv_csa,compress_kv_hca,window_indices"],
+                        "act_quant/flash-decode-t64,sparse_attn/tiny-decode-fp8kv-b4-h8-k256,"
+                        "compress_kv/flash-csa-decode-b4-s1,window_indices/decode-b64-ctx64k"],
                        capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "FAIL" not in r.stdout and "PASS" in r.stdout
