@@ -18,7 +18,7 @@ def support_matrix() -> str:
     fams = R.families()
     lines = ["| family | op | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for op in sorted(R.op_names(), key=lambda o: (fams.index(R.op_family(o)), o)):
-        cells = [(R.BACKENDS[n].verification if R._KERNELS.get(n, {}).get(op) else "not yet") for n in names]
+        cells = [(R.BACKENDS[n].op_verification(op) if R._KERNELS.get(n, {}).get(op) else "not yet") for n in names]
         lines.append(f"| {R.op_family(op)} | `{op}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -288,9 +288,12 @@ Seven compress_tail(const Tensor& x, const Tensor& kv_new, const Tensor& sc_new,
 
 Seven compress_kv(const Tensor& x, const Tensor& wkv, const Tensor& wgate, const Tensor& ape, const Tensor& norm_weight,
                   const Tensor& freqs, const Tensor& pending_kv, const Tensor& pending_score, const Tensor& prev_kv,
-                  const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio, c10::string_view quant, double eps) {
+                  const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio, c10::string_view quant, double eps,
+                  bool hf_rounding) {
   const char* op = "compress_kv";
   check_cuda(x, op, "x");
+  // the [HF] roundings to x.dtype are exact for fp32 x, where they equal the default computation
+  TORCH_CHECK(!hf_rounding || x.scalar_type() == at::kFloat, "v4k_impl::compress_kv (cuda): hf_rounding needs float32 x");
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t b = x.size(0), s = x.size(1), dm = x.size(2), width = wkv.size(0);
   Tensor xc = x.contiguous(), wk = wkv.contiguous(), wg = wgate.contiguous(), ap = f32(ape);

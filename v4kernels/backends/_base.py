@@ -107,6 +107,11 @@ class Backend:
         except KeyError:
             raise KeyError(f"backend {self.name!r} declares no tolerance for {dtype}; has {list(self.tolerances)}") from None
 
+    def op_verification(self, op: str) -> str:
+        """How this backend's kernel for ``op`` was verified (a support-matrix cell); by default the
+        backend-wide ``verification``."""
+        return self.verification
+
     def limits(self, op: str) -> list[str]:
         """Human-readable limits of this backend's kernel for ``op`` (shapes, dtypes, SoC, vendor
         library), listed by ``info -v`` beside the op; per-call refusals quote them."""

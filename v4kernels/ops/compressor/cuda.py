@@ -17,7 +17,10 @@ from ...backends.cuda import Route, register_routes
 
 def _refusals(x, wkv, wgate, ape, norm_weight, freqs, *rest) -> list[str]:
     hd = norm_weight.shape[0]
-    return [] if hd <= 2048 else [f"native pooling keeps one entry in shared memory: head_dim <= 2048, got {hd}"]
+    out = [] if hd <= 2048 else [f"native pooling keeps one entry in shared memory: head_dim <= 2048, got {hd}"]
+    if rest[-1] and x.dtype != torch.float32:  # hf_rounding: transformers' bf16 pooling
+        out.append(f"hf_rounding (transformers' pooling in the activation dtype) is native for float32 x only, got {x.dtype}")
+    return out
 
 
 def _triton_refusals(x, *rest) -> list[str]:
@@ -32,7 +35,7 @@ def _no_triton_refusals(x, *rest) -> list[str]:
 
 
 def _triton_proj(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score, n_tokens,
-                 ratio, quant, eps):
+                 ratio, quant, eps, hf_rounding):
     from ... import triton_utils as U
     from .triton import _proj_kernel
 

@@ -41,6 +41,8 @@ def contiguous_layout(topk_ids: torch.Tensor, n_experts: int, align: int) -> tup
 
 def _refusals(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, *rest) -> list[str]:
     out = []
+    if rest[-1]:  # hf_rounding
+        out.append("hf_rounding (transformers' per-step roundings) is not bridged to DeepGEMM")
     if x.dtype != torch.bfloat16:
         out.append(f"DeepGEMM grouped GEMMs write bf16: x must be bf16, got {str(x.dtype).replace('torch.', '')}")
     if w1.dtype != torch.float8_e4m3fn or w3.dtype != torch.float8_e4m3fn or w2.dtype != torch.float8_e4m3fn:
@@ -61,7 +63,8 @@ def _grouped(dg, a, a_s, w, w_s, layout, n):
     return y
 
 
-def _run(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype):
+def _run(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2, out_dtype,
+         hf_rounding):
     from ..quant import act_quant
 
     dg = vendor("DeepGEMM").module
