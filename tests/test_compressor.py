@@ -356,7 +356,7 @@ BAD = [
     ("ape shape", lambda kw: kw.update(ape=kw["ape"][:3]), ValueError, "compress_kv: ape must have shape \\[4, 256\\]"),
     ("ape dtype", lambda kw: kw.update(ape=kw["ape"].bfloat16()), TypeError, "compress_kv: ape must have dtype float32"),
     ("norm_weight 2-d", lambda kw: kw.update(norm_weight=kw["norm_weight"].view(1, -1)), ValueError, "compress_kv: norm_weight must have 1 dims"),
-    ("norm_weight size", lambda kw: kw.update(norm_weight=kw["norm_weight"][:64]), ValueError, "compress_kv: wkv must have shape \\[128, 64\\]"),
+    ("norm_weight size", lambda kw: kw.update(norm_weight=kw["norm_weight"][:64]), ValueError, "compress_kv: state was created for head_dim 128, got len\\(norm_weight\\)=64"),
     ("freqs dtype", lambda kw: kw.update(freqs=kw["freqs"].double()), TypeError, "compress_kv: freqs must have dtype float32"),
     ("freqs too long", lambda kw: kw.update(freqs=torch.ones(65)), ValueError, "compress_kv: 2\\*len\\(freqs\\) rope dims"),
     ("freqs fp8 blocks", lambda kw: kw.update(freqs=torch.ones(16)), ValueError, "quant='fp8' quantises the 128-32 nope dims"),

@@ -22,7 +22,9 @@ def test_extension_loaded_when_built():
     if recorded != "built":
         pytest.skip(f"cpu extension not built here: {recorded or 'no build record (source checkout)'}")
     assert not _REASONS, _REASONS
-    assert hasattr(torch.ops.v4k_cpu, "sparse_attn")
+    # the library implements the implementation schemas on the CPU key
+    for op in ("sparse_attn", "indexer_topk", "hc_post", "compress_kv", "moe_experts", "fp8_gemm", "grouped_linear"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"v4k_impl::{op}", "CPU"), op
     # the cpu backend is preferred over the reference on CPU tensors
     assert [b.name for b in R.candidates("sparse_attn", "cpu")][0] == "cpu"
 
@@ -73,7 +75,7 @@ def _check_close(out, ref, dtype):
 def test_sparse_attn_matches_loop(b, m, h, n, k):
     g = torch.Generator().manual_seed(b * 1000 + k)
     q, kv, sink, idx = _attn_inputs(g, b, m, h, n, k)
-    out = torch.ops.v4k_cpu.sparse_attn(q, kv, sink, idx, 512**-0.5)
+    out = torch.ops.v4k_impl.sparse_attn(q, kv, sink, idx, 512**-0.5)
     _check_close(out, _naive_attn(q, kv.float(), sink, idx, 512**-0.5), torch.bfloat16)
 
 
@@ -99,7 +101,7 @@ def test_sparse_attn_all_skipped_rows_and_big_sinks():
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            out = torch.ops.v4k_cpu.sparse_attn(q, kv, sink, idx, 512**-0.5)
+            out = torch.ops.v4k_impl.sparse_attn(q, kv, sink, idx, 512**-0.5)
         finally:
             torch.set_num_threads(prev)
         assert torch.isfinite(out).all()
@@ -145,13 +147,13 @@ def test_indexer_topk_and_scores(fmt, b, s, n, ratio, topk, pos):
     keys, ks, kf = _keys(g, b, n, fmt)
     positions = torch.tensor(pos, dtype=torch.int64)
     ref = _naive_scores(q, w, kf, positions, ratio)
-    scores = torch.ops.v4k_cpu.indexer_scores(q, w, keys, ks, positions, ratio)
+    scores = torch.ops.v4k_impl.indexer_scores(q, w, keys, ks, positions, ratio)
     assert torch.equal(torch.isinf(scores), torch.isinf(ref))
     fin = torch.isfinite(ref)
     torch.testing.assert_close(scores[fin].double(), ref[fin], atol=1e-4, rtol=1e-5)
 
     offset = 17
-    idx = torch.ops.v4k_cpu.indexer_topk(q, w, keys, ks, positions, topk, ratio, offset)
+    idx = torch.ops.v4k_impl.indexer_topk(q, w, keys, ks, positions, topk, ratio, offset)
     k = min(topk, n)
     assert idx.shape == (b, s, k) and idx.dtype == torch.int32
     vals, order = ref.topk(k, dim=-1)
@@ -184,7 +186,7 @@ def test_indexer_topk_threads_agree():
     for t in (1, 2):
         torch.set_num_threads(t)
         try:
-            res.append(torch.ops.v4k_cpu.indexer_topk(q, w, keys, ks, pos, 512, 4, 0))
+            res.append(torch.ops.v4k_impl.indexer_topk(q, w, keys, ks, pos, 512, 4, 0))
         finally:
             torch.set_num_threads(prev)
     assert set(res[0].flatten().tolist()) == set(res[1].flatten().tolist())
@@ -206,13 +208,13 @@ def test_indexer_fp4_decode_blocks(d_i):
     w = torch.randn(1, 2, hi, generator=g)
     pos = torch.tensor([[4 * n - 1, 4 * 150 + 2]])
     ref = _naive_scores(q, w, deq, pos, 4)
-    scores = torch.ops.v4k_cpu.indexer_scores(q, w, keys, ks, pos, 4)
+    scores = torch.ops.v4k_impl.indexer_scores(q, w, keys, ks, pos, 4)
     assert torch.equal(torch.isinf(scores), torch.isinf(ref))
     fin = torch.isfinite(ref)
     big = ref[fin].abs().max().item()  # fp32 accumulation error grows with the largest block
     torch.testing.assert_close(scores[fin].double(), ref[fin], atol=1e-6 * big, rtol=1e-5)
     # the same keys as fp32 values give the same scores (the decode is exact)
-    same = torch.ops.v4k_cpu.indexer_scores(q, w, deq, None, pos, 4)
+    same = torch.ops.v4k_impl.indexer_scores(q, w, deq, None, pos, 4)
     torch.testing.assert_close(scores, same, atol=0, rtol=0)
 
 
@@ -225,7 +227,7 @@ def test_hc_pre_post_against_formula():
     fn = torch.randn(24, hc * d, generator=g) * 0.05
     scale = torch.tensor([0.7, 1.3, 0.9])
     base = torch.randn(24, generator=g) * 0.1
-    x_in, post, comb = torch.ops.v4k_cpu.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    x_in, post, comb = torch.ops.v4k_impl.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
     xf = x.double().flatten(-2)
     mixes = (xf @ fn.double().T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
     pre = torch.sigmoid(mixes[:, :4] * 0.7 + base[:4].double()) + 1e-6
@@ -235,7 +237,7 @@ def test_hc_pre_post_against_formula():
     torch.testing.assert_close(x_in.double(), ref_in, atol=1e-2, rtol=1.6e-2)
     # post: out[k] = post[k]·a + Σ_j comb[j,k]·R[j] — the transpose matters (SPEC §10.4)
     a = torch.randn(t, d, generator=g).bfloat16()
-    out = torch.ops.v4k_cpu.hc_post(a, x, post, comb, False)
+    out = torch.ops.v4k_impl.hc_post(a, x, post, comb, False)
     ref = post.double()[..., None] * a.double()[:, None] + torch.einsum("tjk,tjd->tkd", comb.double(), x.double())
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1.6e-2)
 
@@ -252,11 +254,11 @@ def test_block_scaled_gemms(m):
     wq = w.to(torch.float8_e4m3fn)
     w_s = torch.rand((n + 127) // 128, k // 128, generator=g) + 0.5
     wf = wq.double() * w_s.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
-    out = torch.ops.v4k_cpu.fp8_gemm(a, a_s, wq, w_s, torch.float32)
+    out = torch.ops.v4k_impl.fp8_gemm(a, a_s, wq, w_s, torch.float32)
     torch.testing.assert_close(out.double(), af @ wf.T, atol=1e-3, rtol=1e-5)
     b4, b4_s = v4k.fp4_act_quant(w, 32)
     bf = v4k.fp4_act_dequant(b4, b4_s, 32, torch.float32).double()
-    out4 = torch.ops.v4k_cpu.fp4_gemm(a, a_s, b4, b4_s, torch.float32)
+    out4 = torch.ops.v4k_impl.fp4_gemm(a, a_s, b4, b4_s, torch.float32)
     torch.testing.assert_close(out4.double(), af @ bf.T, atol=1e-3, rtol=1e-5)
 
 
@@ -291,7 +293,7 @@ def test_direct_gemm_decode_shapes(m):
     wq = _fp8_codes(g, n, k8)
     w_s = torch.rand(2, 4, generator=g) + 0.25
     wf = wq.double() * w_s.double().repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k8]
-    _assert_gemm_close(torch.ops.v4k_cpu.fp8_gemm(a, a_s, wq, w_s, torch.float32), af, wf)
+    _assert_gemm_close(torch.ops.v4k_impl.fp8_gemm(a, a_s, wq, w_s, torch.float32), af, wf)
 
     a, a_s = v4k.act_quant(torch.randn(m, 512, generator=g), 128)  # K = 416 (13 FP4 blocks)
     af = v4k.act_dequant(a, a_s, 128, torch.float32).double()[:, :k4]
@@ -299,7 +301,7 @@ def test_direct_gemm_decode_shapes(m):
     b4 = torch.randint(0, 256, (n, k4 // 2), generator=g, dtype=torch.int32).to(torch.uint8)
     b4_s = 2.0 ** torch.randint(-8, 3, (n, k4 // 32), generator=g).float()
     bf = v4k.fp4_act_dequant(b4, b4_s, 32, torch.float32).double()
-    _assert_gemm_close(torch.ops.v4k_cpu.fp4_gemm(a, a_s, b4, b4_s, torch.float32), af, bf)
+    _assert_gemm_close(torch.ops.v4k_impl.fp4_gemm(a, a_s, b4, b4_s, torch.float32), af, bf)
 
 
 @needs_ext
@@ -313,7 +315,7 @@ def test_direct_gemm_rows_independent_of_m():
     w_s = torch.rand(1, 4, generator=g) + 0.5
     b4 = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.int32).to(torch.uint8)
     b4_s = 2.0 ** torch.randint(-6, 0, (n, k // 32), generator=g).float()
-    for op, w, ws in ((torch.ops.v4k_cpu.fp8_gemm, wq, w_s), (torch.ops.v4k_cpu.fp4_gemm, b4, b4_s)):
+    for op, w, ws in ((torch.ops.v4k_impl.fp8_gemm, wq, w_s), (torch.ops.v4k_impl.fp4_gemm, b4, b4_s)):
         full = op(a, a_s, w, ws, torch.float32)
         for lo, hi in ((0, 1), (3, 4), (1, 6), (4, 11), (2, 9)):
             assert torch.equal(op(a[lo:hi], a_s[lo:hi], w, ws, torch.float32), full[lo:hi])
@@ -327,7 +329,7 @@ def test_direct_fp8_gemm_nan_codes(m):
     n, k = 9, 256
     a, a_s = v4k.act_quant(torch.randn(m, k, generator=g), 128)
     wq = _fp8_codes(g, n, k, nan_at=(6, 200))
-    out = torch.ops.v4k_cpu.fp8_gemm(a, a_s, wq, torch.ones(1, 2), torch.float32)
+    out = torch.ops.v4k_impl.fp8_gemm(a, a_s, wq, torch.ones(1, 2), torch.float32)
     assert bool(torch.isnan(out[:, 6]).all())
     assert bool(torch.isfinite(out[:, [0, 1, 2, 3, 4, 5, 7, 8]]).all())
 
@@ -499,7 +501,7 @@ def test_hc_head_against_formula():
     fn = torch.randn(hc, hc * d, generator=g) * 0.05
     scale = torch.tensor([0.8])
     base = torch.randn(hc, generator=g) * 0.1
-    out = torch.ops.v4k_cpu.hc_head(x, fn, scale, base, 1e-6, 1e-6)
+    out = torch.ops.v4k_impl.hc_head(x, fn, scale, base, 1e-6, 1e-6)
     xf = x.double().flatten(-2)
     mixes = (xf @ fn.double().T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6)
     pre = torch.sigmoid(mixes * 0.8 + base.double()) + 1e-6  # SPEC §10.5: sigmoid gates, no Sinkhorn
@@ -536,7 +538,7 @@ def test_hc_pre_decode_threads_and_dtypes(t, dtype):
     for threads in (1, 2):
         torch.set_num_threads(threads)
         try:
-            outs.append(torch.ops.v4k_cpu.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6))
+            outs.append(torch.ops.v4k_impl.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6))
         finally:
             torch.set_num_threads(prev)
     for a, b in zip(*outs):
@@ -556,7 +558,7 @@ def test_hc_pre_decode_shape_v4_flash():
     x = torch.randn(2, hc, d, generator=g).bfloat16()
     fn, scale, base = _hc_params(g, hc, d)
     fn[5] *= 40  # one large post logit: a misplaced row or RMS factor moves post visibly
-    x_in, post, comb = torch.ops.v4k_cpu.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    x_in, post, comb = torch.ops.v4k_impl.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
     ref_in, ref_post, ref_comb, _ = _hc_pre_formula(x, fn, scale, base, hc)
     torch.testing.assert_close(post, ref_post, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(comb, ref_comb, atol=1e-5, rtol=1e-5)
@@ -576,7 +578,7 @@ def test_hc_post_formula_variants(hc, d, dtype, bf16_mix):
     res = torch.randn(t, hc, d, generator=g).to(dtype)
     post = torch.rand(t, hc, generator=g) * 2
     comb = torch.rand(t, hc, hc, generator=g)
-    out = torch.ops.v4k_cpu.hc_post(x, res, post, comb, bf16_mix)
+    out = torch.ops.v4k_impl.hc_post(x, res, post, comb, bf16_mix)
     assert out.dtype == dtype and out.shape == res.shape
     if not bf16_mix:
         ref = post.double()[..., None] * x.double()[:, None] + torch.einsum("tjk,tjd->tkd", comb.double(), res.double())
@@ -622,7 +624,7 @@ def test_grouped_linear_matches_fp64(b, s, g, din, dout, xd, wd):
     assert (b * s >= GROUPED_DIRECT_MAX_T) == (b * s == 100)
     gen = torch.Generator().manual_seed(b * 1000 + s * 100 + g * 10 + din + dout)
     x, w = _gl_inputs(gen, b, s, g, din, dout, _GL_DT[xd], _GL_DT[wd])
-    out = torch.ops.v4k_cpu.grouped_linear(x, w)
+    out = torch.ops.v4k_impl.grouped_linear(x, w)
     assert out.dtype == x.dtype and out.shape == (b, s, g, dout)
     _check_close(out, _gl_fp64(x, w), x.dtype)
     # the public op dispatches here and agrees with the reference backend
@@ -641,7 +643,7 @@ def test_grouped_linear_flash_decode_shape():
     gen = torch.Generator().manual_seed(8)
     x, w = _gl_inputs(gen, 1, 4, 8, 4096, 96, torch.float32, torch.bfloat16)
     for t in (1, 4):
-        out = torch.ops.v4k_cpu.grouped_linear(x[:, :t].contiguous(), w)
+        out = torch.ops.v4k_impl.grouped_linear(x[:, :t].contiguous(), w)
         torch.testing.assert_close(out.double(), _gl_fp64(x[:, :t], w), atol=2e-6, rtol=2e-6)
 
 
@@ -652,14 +654,14 @@ def test_grouped_linear_rows_independent_of_tokens_and_threads(t):
     threads: the summation order is fixed per output element."""
     gen = torch.Generator().manual_seed(t)
     x, w = _gl_inputs(gen, 1, t, 3, 4 * 16 + 7, 41, torch.float32, torch.bfloat16)
-    full = torch.ops.v4k_cpu.grouped_linear(x, w)
+    full = torch.ops.v4k_impl.grouped_linear(x, w)
     subs = ((0, 1), (3, 4), (1, 6), (4, 11), (2, 9)) if t < 96 else ((0, 100), (7, 120), (30, 130))
     for lo, hi in subs:
-        assert torch.equal(torch.ops.v4k_cpu.grouped_linear(x[:, lo:hi].contiguous(), w), full[:, lo:hi])
+        assert torch.equal(torch.ops.v4k_impl.grouped_linear(x[:, lo:hi].contiguous(), w), full[:, lo:hi])
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.v4k_cpu.grouped_linear(x, w)
+        one = torch.ops.v4k_impl.grouped_linear(x, w)
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(one, full)
@@ -674,7 +676,7 @@ def test_grouped_linear_nonfinite_subnormal_empty():
     x, w = _gl_inputs(gen, 2, 3, 2, 40, 20, torch.float32, torch.bfloat16)
     x[1, 2, 0, 33] = float("nan")  # in the K tail of 40 % 16
     w[1, 5, 7] = float("inf")
-    out = torch.ops.v4k_cpu.grouped_linear(x, w)
+    out = torch.ops.v4k_impl.grouped_linear(x, w)
     bad = torch.zeros_like(out, dtype=torch.bool)
     bad[1, 2, 0, :] = True
     bad[:, :, 1, 5] = True
@@ -686,15 +688,15 @@ def test_grouped_linear_nonfinite_subnormal_empty():
     wsub = codes.view(torch.float16)
     xp = 2.0 ** torch.randint(0, 8, (1, 1, 1, 37), generator=gen).float()
     ref = _gl_fp64(xp, wsub)
-    assert torch.equal(torch.ops.v4k_cpu.grouped_linear(xp, wsub).double(), ref)
-    assert torch.equal(torch.ops.v4k_cpu.grouped_linear(xp.half(), wsub), ref.half())
+    assert torch.equal(torch.ops.v4k_impl.grouped_linear(xp, wsub).double(), ref)
+    assert torch.equal(torch.ops.v4k_impl.grouped_linear(xp.half(), wsub), ref.half())
 
     big = torch.full((1, 1, 1, 33), 300.0, dtype=torch.float16)
     wb = torch.full((1, 2, 33), 10.0, dtype=torch.float16)
     wb[0, 1] = -1.0
-    assert torch.ops.v4k_cpu.grouped_linear(big, wb).tolist() == [[[[float("inf"), -9904.0]]]]  # -9900 rounded once
+    assert torch.ops.v4k_impl.grouped_linear(big, wb).tolist() == [[[[float("inf"), -9904.0]]]]  # -9900 rounded once
 
-    assert torch.ops.v4k_cpu.grouped_linear(torch.zeros(2, 0, 3, 8), torch.ones(3, 5, 8)).shape == (2, 0, 3, 5)
+    assert torch.ops.v4k_impl.grouped_linear(torch.zeros(2, 0, 3, 8), torch.ones(3, 5, 8)).shape == (2, 0, 3, 5)
     assert v4k.grouped_linear(torch.ones(1, 2, 3, 8), torch.ones(3, 0, 8)).shape == (1, 2, 3, 0)
     z = v4k.grouped_linear(torch.ones(1, 2, 3, 0, dtype=torch.bfloat16), torch.ones(3, 4, 0))
     assert z.dtype == torch.bfloat16 and torch.equal(z, torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16))

@@ -340,8 +340,10 @@ def select_backend(op: str, args: Sequence[Any], device_type: str | None = None)
 def _run(op: str, args: tuple, device_type: str | None = None) -> Any:
     if device_type is None:
         device_type = _device_type(args)
-    scope = _FORCED.get()
-    forced = forced_backend(op) if scope or _env_backend() else None
+    if _FORCED.get() or (_ENV_DATA is None or b"V4K_BACKEND" in _ENV_DATA) and _env_backend():
+        forced = forced_backend(op)
+    else:
+        forced = None
     plan = _PLAN.get((op, device_type, forced))
     if plan is None:
         plan = _plan(op, device_type, forced)
@@ -374,6 +376,8 @@ def dispatch(op: str, *args: Any) -> Any:
 
 
 _MAX_SIGNATURES = 1024
+#: torch.device -> its type string (reading ``.type`` allocates a str each time)
+_DEVICE_TYPES: dict[torch.device, str] = {}
 _Tensor = torch.Tensor
 
 
@@ -434,18 +438,22 @@ class Op:
             self.value_check(*args)
 
     def __call__(self, *args: Any) -> Any:
-        if _is_compiling() or _dispatch_modes():
+        if _dispatch_modes() or _is_compiling():
             return self.overload(*args)
-        grad = torch.is_grad_enabled()
         device_type = None
         for i in self._tensor_pos:
             t = args[i]
-            if t is None:
-                continue
-            if device_type is None:
-                device_type = t.device.type
-            if grad and t.requires_grad:
-                return self.overload(*args)
+            if t is not None:
+                dev = t.device
+                device_type = _DEVICE_TYPES.get(dev)
+                if device_type is None:
+                    device_type = _DEVICE_TYPES[dev] = dev.type  # torch.device.type builds a new str
+                break
+        if torch.is_grad_enabled():
+            for i in self._tensor_pos:
+                t = args[i]
+                if t is not None and t.requires_grad:
+                    return self.overload(*args)
         if device_type is None:
             device_type = _device_type(args)
         elif device_type == "meta":

@@ -229,13 +229,9 @@ def _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pendi
         raise ValueError(f"{op}: 2*len(freqs) rope dims must be in [2, head_dim={hd}] (head_dim = len(norm_weight)), got {r}")
     # overlapping (CSA) windows double the projection width; the state says which form it holds
     C.check_tensor(op, "pending_kv", pending_kv, ndim=3, dtypes=(torch.float32,))
-    coff = 2 if pending_kv.shape[2] == 2 * hd and hd > 0 else 1
-    C.check_tensor(op, "wkv", wkv, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
-    C.check_tensor(op, "wgate", wgate, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
-    C.check_tensor(op, "ape", ape, dtypes=(torch.float32,), shape=[ratio, coff * hd])
-    # the state tensors (CompressorState's fields)
-    C.check_tensor(op, "pending_kv", pending_kv, ndim=3, dtypes=(torch.float32,))
     C.check_tensor(op, "prev_kv", prev_kv, ndim=3, dtypes=(torch.float32,))
+    state_hd = prev_kv.shape[2]
+    coff = 2 if state_hd > 0 and pending_kv.shape[2] == 2 * state_hd else 1
     sb, sratio, width = pending_kv.shape
     if sratio != ratio:
         raise ValueError(f"{op}: state was created for ratio {sratio}, got ratio={ratio}")
@@ -248,6 +244,9 @@ def _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pendi
             f"{op}: pending_kv.shape[2] must be coff*head_dim = {coff}*{hd} = {coff * hd} "
             f"(head_dim from norm_weight, overlap {coff == 2}), got {width}"
         )
+    C.check_tensor(op, "wkv", wkv, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
+    C.check_tensor(op, "wgate", wgate, dtypes=C.FLOAT_DTYPES, shape=[coff * hd, d])
+    C.check_tensor(op, "ape", ape, dtypes=(torch.float32,), shape=[ratio, coff * hd])
     nprev = ratio if coff == 2 else 0
     C.check_tensor(op, "pending_score", pending_score, dtypes=(torch.float32,), shape=[bsz, ratio, coff * hd])
     C.check_tensor(op, "prev_kv", prev_kv, shape=[bsz, nprev, hd])
@@ -371,12 +370,12 @@ def compress_kv(
     """
     if not isinstance(state, CompressorState):
         raise TypeError(f"compress_kv: state must be a CompressorState, got {type(state).__name__}")
+    _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, *state.tensors(), ratio, quant, eps, hf_rounding)
     if overlap is None:
-        overlap = default_overlap(ratio) if isinstance(ratio, int) and not isinstance(ratio, bool) else False
+        overlap = default_overlap(ratio)
     C.check_bool("compress_kv", "overlap", overlap)
     if state.overlap != overlap:
         raise ValueError(f"compress_kv: state was created with overlap={state.overlap}, got overlap={overlap} (ratio {ratio})")
-    _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, *state.tensors(), ratio, quant, eps, hf_rounding)
     bsz, s = x.shape[0], x.shape[1]
     hd = norm_weight.shape[0]
     if bsz == 0 or s == 0:
