@@ -444,6 +444,8 @@ class Op:
         for i in self._tensor_pos:
             t = args[i]
             if t is not None:
+                if type(t) is not _Tensor and type(t).__torch_dispatch__ is not _Tensor.__torch_dispatch__:
+                    return self.overload(*args)  # tensor subclasses with their own dispatch see the op
                 dev = t.device
                 device_type = _DEVICE_TYPES.get(dev)
                 if device_type is None:

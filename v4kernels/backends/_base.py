@@ -58,6 +58,8 @@ class Backend:
     tolerances : ``{torch dtype: Tolerance}`` against the reference, per output dtype
     verification : how its kernels are verified, shown in the support matrix
     extension : the native extension module (``"_C_cpu"`` → ``v4kernels._C_cpu``), or None
+    follows_nan_policy : whether its kernels implement docs/numerics.md (the NaN/inf parity cases
+        are skipped, with that reason, for backends that do not)
     triton_blocks : ``{target: {kernel: {param: value}}}`` Triton launch rows this backend's devices
         use (target = a device type, or ``"interpret"`` for the CPU interpreter), or ``{}``
     """
@@ -70,6 +72,9 @@ class Backend:
     tolerances: ClassVar[dict[torch.dtype, Tolerance]] = {}
     verification: ClassVar[str] = "unverified"
     extension: ClassVar[str | None] = None
+    #: whether the kernels follow docs/numerics.md's NaN/inf policy (true for the kernels this project
+    #: writes; vendor fused ops do not define their NaN/inf behaviour, so NaN/inf parity cases skip)
+    follows_nan_policy: ClassVar[bool] = True
     triton_blocks: ClassVar[dict[str, dict[str, dict[str, int]]]] = {}
 
     def __init__(self) -> None:

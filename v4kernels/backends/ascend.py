@@ -141,6 +141,7 @@ class AscendBackend(Backend):
     auto_priority = {"npu": 10}
     tolerances = ACCELERATOR_TOLERANCES
     verification = "bridging verified against emulated vendor ops; hardware unverified"
+    follows_nan_policy = False  # vendor ops leave NaN/inf behaviour unspecified
     extension = "_C_ascend_v4k"
     triton_blocks = {"npu": NPU_TRITON_BLOCKS}
 

@@ -112,6 +112,7 @@ class CambriconBackend(Backend):
     auto_priority = {"mlu": 10}
     tolerances = ACCELERATOR_TOLERANCES
     verification = "bridging verified against emulated vendor ops; hardware unverified"
+    follows_nan_policy = False  # vendor ops leave NaN/inf behaviour unspecified
     triton_blocks = {"mlu": MLU_TRITON_BLOCKS}
 
     #: the module adapters call; tests substitute an emulation (``tests/vendor/cambricon_ops.py``)

@@ -194,6 +194,7 @@ class CudaBackend(Backend):
     #: the native kernels were compiled for sm_80/90a/100a and their algorithms checked on the CPU;
     #: no GPU run is recorded for this release (see docs/cuda.md)
     verification = "compiled only (native); bridged to vendor library, unverified"
+    follows_nan_policy = False  # vendor ops leave NaN/inf behaviour unspecified
     extension = "_C_cuda"
     triton_blocks = {"cuda": CUDA_TRITON_BLOCKS}
 

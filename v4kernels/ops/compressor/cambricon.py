@@ -45,7 +45,7 @@ def compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_scor
     tmo = BACKEND.tmo()
     bsz, s, dm = x.shape
     hd = norm_weight.shape[0]
-    overlap = ratio == 4
+    overlap = wkv.shape[0] == 2 * norm_weight.shape[0]  # the CSA form doubles the projection width
     coff = 2 if overlap else 1
     dev = x.device
     xf = x.reshape(bsz * s, dm).float()
