@@ -82,7 +82,7 @@ _DRIVER = textwrap.dedent(
         tw = torch.full((3, 2), 0.5)
         attempt(f"moe_experts public {bad}", lambda: v4k.moe_experts(x, tw, ids, w1, w1, w2))
         attempt(f"moe_experts op {bad}", lambda: torch.ops.v4k.moe_experts(x, tw, ids, w1, None, w1, None, w2, None, 10.0,
-                                                                           False, torch.bfloat16))
+                                                                           False, torch.bfloat16, False))
     gw = torch.randn(8, 128, generator=g).bfloat16()
     for bad in (8, -3, 10**9):
         t2e = torch.tensor([[0, 1], [2, bad]], dtype=torch.int32)
@@ -90,7 +90,7 @@ _DRIVER = textwrap.dedent(
         attempt(f"moe_gate tid2eid {bad}", lambda: v4k.moe_gate(x, gw, topk=2, tid2eid=t2e, token_ids=tok))
         tok2 = torch.tensor([0, bad, 1])
         t2e2 = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
-        attempt(f"moe_gate token_ids {bad}", lambda: torch.ops.v4k.moe_gate(x, gw, None, t2e2, tok2, 2, 1.5, False))
+        attempt(f"moe_gate token_ids {bad}", lambda: torch.ops.v4k.moe_gate(x, gw, None, t2e2, tok2, 2, 1.5, False, False))
 
     D, hd = 64, 128
     wkv = torch.randn(2 * hd, D, generator=g) / 8
@@ -100,7 +100,7 @@ _DRIVER = textwrap.dedent(
         st = CompressorState.empty(1, 4, hd)
         st.n_tokens[0] = bad
         attempt(f"compress_kv public {bad}", lambda: v4k.compress_kv(xc, wkv, wkv, ape, nw, f, st, ratio=4))
-        attempt(f"compress_kv op {bad}", lambda: torch.ops.v4k.compress_kv(xc, wkv, wkv, ape, nw, f, *st.tensors(), 4, "fp8", 1e-6))
+        attempt(f"compress_kv op {bad}", lambda: torch.ops.v4k.compress_kv(xc, wkv, wkv, ape, nw, f, *st.tensors(), 4, "fp8", 1e-6, False))
     if os.environ.get("V4K_TRY_COMPILE") == "1":
         idx = torch.full((B, M, K), 10**9, dtype=torch.int32)
         fn = torch.compile(lambda a, b, c, d: torch.ops.v4k.sparse_attn(a, b, c, d, 0.1), backend="eager", fullgraph=True)
@@ -184,7 +184,7 @@ def test_compress_kv_rejects_expanded_state_without_writing():
     with pytest.raises(ValueError, match="compress_kv: pending_kv must not overlap itself"):
         v4k.compress_kv(x, **w, state=expanded, ratio=4)
     with pytest.raises(ValueError, match="overlap itself"):
-        torch.ops.v4k.compress_kv(x, *w.values(), *expanded.tensors(), 4, "fp8", 1e-6)
+        torch.ops.v4k.compress_kv(x, *w.values(), *expanded.tensors(), 4, "fp8", 1e-6, False)
     assert all(torch.equal(a, b) for a, b in zip(st.tensors(), before))
 
 
