@@ -328,6 +328,33 @@ def test_attention_step_failure_keeps_state_tensor_references():
     assert cache.compressor.positions == [9] and cache.index_compressor.positions == [9]
 
 
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+def test_block_failure_after_attention_leaves_cache_unchanged(ratio, monkeypatch):
+    """A block commits its attention step only once the FFN succeeded."""
+    from v4kernels.layers.block import V4Block
+
+    _, cfg = _tiny_layer(ratio)
+    blk = V4Block(cfg, ratio, n_experts=8, simulate_quant=False, dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(1, 130, cfg.hc_mult, cfg.dim, generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (1, 130), generator=g)
+    cache = blk.attn.new_cache(1, 130)
+    with torch.no_grad():
+        blk(h[:, :127], cache, 0, ids[:, :127])
+        before, snap = _cache_state(cache), cache.snapshot()
+        _failing(monkeypatch, "moe_experts")
+        with pytest.raises(_Injected):
+            blk(h[:, 127:128], cache, 127, ids[:, 127:128])
+        monkeypatch.undo()
+        assert _same(_cache_state(cache), before)
+        out = blk(h[:, 127:128], cache, 127, ids[:, 127:128])
+        fresh = blk.attn.new_cache(1, 130)
+        fresh.restore(snap)
+        want = blk(h[:, 127:128], fresh, 127, ids[:, 127:128])
+    assert cache.pos == 128 and torch.equal(out, want)
+    assert _same(_cache_state(cache), _cache_state(fresh))
+
+
 def _bad_caches(attn, cfg):
     """(name, cache) pairs a layer of ratio 4 must refuse: other layer kinds, other layouts."""
     from v4kernels.layers.attention import AttentionCache

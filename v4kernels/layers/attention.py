@@ -325,6 +325,15 @@ class V4Attention(nn.Module):
         and leaves the cache (KV rows, indexer keys, compressor states, positions) bit-identical.
         The compressors run on copies of their states, committed after the last op; the KV rows
         and indexer keys the step overwrites are saved first and put back on failure."""
+        out, pending = self.step(x, cache, start_pos)
+        pending.commit()
+        return out
+
+    def step(self, x: torch.Tensor, cache: AttentionCache, start_pos: int | Sequence[int]) -> tuple[torch.Tensor, "PendingStep"]:
+        """``forward`` without the commit: the output and the step's :class:`PendingStep`, to
+        ``commit()`` once the caller's own work after the attention succeeded or to
+        ``rollback()`` (e.g. a block whose FFN fails). Until then the cache holds the step's KV
+        rows but not its positions or compressor states: call one of the two before the next step."""
         op = "V4Attention"
         cfg = self.cfg
         if x.dim() != 3 or x.shape[-1] != cfg.dim:
@@ -340,14 +349,7 @@ class V4Attention(nn.Module):
         except BaseException:
             undo.rollback()
             raise
-        # commit: compressor states (in place, references stay valid), then the positions
-        for new, cur in ((comp, cache.compressor), (icomp, cache.index_compressor)):
-            if new is not None:
-                for dst, src in zip(cur.tensors(), new.tensors()):
-                    dst.copy_(src)
-        cache.positions = [p + s for p in starts]
-        cache.positions_dev += s
-        return out
+        return out, PendingStep(cache, s, comp, icomp, undo)
 
     def _check_cache(self, cache: AttentionCache, x: torch.Tensor, starts: list[int]) -> None:
         """Everything a step needs from ``cache``, checked before anything is written."""
@@ -511,6 +513,36 @@ class V4Attention(nn.Module):
                 first = base + p // m
                 undo.save(dst, (bi, slice(first, first + n)))
                 dst[bi, first : first + n] = enc(entries[bi, :n])
+
+
+class PendingStep:
+    """A step that ran but is not committed: its KV rows and indexer keys are in the cache (the
+    rows they replaced saved), its compressor states and positions are not."""
+
+    def __init__(self, cache: AttentionCache, n_tok: int, comp, icomp, undo: "_UndoLog") -> None:
+        self.cache, self.n_tok, self.comp, self.icomp, self.undo = cache, n_tok, comp, icomp, undo
+        self.done = False
+
+    def _finish(self) -> None:
+        if self.done:
+            raise RuntimeError("V4Attention: this step was already committed or rolled back")
+        self.done = True
+
+    def commit(self) -> None:
+        """Publish the compressor states (in place: references stay valid) and the positions."""
+        self._finish()
+        c = self.cache
+        for new, cur in ((self.comp, c.compressor), (self.icomp, c.index_compressor)):
+            if new is not None:
+                for dst, src in zip(cur.tensors(), new.tensors()):
+                    dst.copy_(src)
+        c.positions = [p + self.n_tok for p in c.positions]
+        c.positions_dev += self.n_tok
+
+    def rollback(self) -> None:
+        """Put back the rows the step overwrote: the cache is as before the step."""
+        self._finish()
+        self.undo.rollback()
 
 
 class _UndoLog:
