@@ -42,6 +42,9 @@ SCRIPT = textwrap.dedent(r'''
         def __repr__(self):
             return f"NpuTensor({self.inner!r})"
 
+        def data_ptr(self):  # a real device tensor has its own address (aliasing checks compare them)
+            return self.inner.data_ptr()
+
         @classmethod
         def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}

@@ -82,7 +82,7 @@ _DRIVER = textwrap.dedent(
         tw = torch.full((3, 2), 0.5)
         attempt(f"moe_experts public {bad}", lambda: v4k.moe_experts(x, tw, ids, w1, w1, w2))
         attempt(f"moe_experts op {bad}", lambda: torch.ops.v4k.moe_experts(x, tw, ids, w1, None, w1, None, w2, None, 10.0,
-                                                                           False, torch.bfloat16))
+                                                                           False, torch.bfloat16, False))
     gw = torch.randn(8, 128, generator=g).bfloat16()
     for bad in (8, -3, 10**9):
         t2e = torch.tensor([[0, 1], [2, bad]], dtype=torch.int32)
@@ -90,7 +90,7 @@ _DRIVER = textwrap.dedent(
         attempt(f"moe_gate tid2eid {bad}", lambda: v4k.moe_gate(x, gw, topk=2, tid2eid=t2e, token_ids=tok))
         tok2 = torch.tensor([0, bad, 1])
         t2e2 = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
-        attempt(f"moe_gate token_ids {bad}", lambda: torch.ops.v4k.moe_gate(x, gw, None, t2e2, tok2, 2, 1.5, False))
+        attempt(f"moe_gate token_ids {bad}", lambda: torch.ops.v4k.moe_gate(x, gw, None, t2e2, tok2, 2, 1.5, False, False))
 
     D, hd = 64, 128
     wkv = torch.randn(2 * hd, D, generator=g) / 8
@@ -100,7 +100,7 @@ _DRIVER = textwrap.dedent(
         st = CompressorState.empty(1, 4, hd)
         st.n_tokens[0] = bad
         attempt(f"compress_kv public {bad}", lambda: v4k.compress_kv(xc, wkv, wkv, ape, nw, f, st, ratio=4))
-        attempt(f"compress_kv op {bad}", lambda: torch.ops.v4k.compress_kv(xc, wkv, wkv, ape, nw, f, *st.tensors(), 4, "fp8", 1e-6))
+        attempt(f"compress_kv op {bad}", lambda: torch.ops.v4k.compress_kv(xc, wkv, wkv, ape, nw, f, *st.tensors(), 4, "fp8", 1e-6, False))
     if os.environ.get("V4K_TRY_COMPILE") == "1":
         idx = torch.full((B, M, K), 10**9, dtype=torch.int32)
         fn = torch.compile(lambda a, b, c, d: torch.ops.v4k.sparse_attn(a, b, c, d, 0.1), backend="eager", fullgraph=True)
@@ -184,7 +184,7 @@ def test_compress_kv_rejects_expanded_state_without_writing():
     with pytest.raises(ValueError, match="compress_kv: pending_kv must not overlap itself"):
         v4k.compress_kv(x, **w, state=expanded, ratio=4)
     with pytest.raises(ValueError, match="overlap itself"):
-        torch.ops.v4k.compress_kv(x, *w.values(), *expanded.tensors(), 4, "fp8", 1e-6)
+        torch.ops.v4k.compress_kv(x, *w.values(), *expanded.tensors(), 4, "fp8", 1e-6, False)
     assert all(torch.equal(a, b) for a, b in zip(st.tensors(), before))
 
 
@@ -214,59 +214,182 @@ def test_compress_kv_bad_kernel_output_leaves_state_unchanged(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(st.tensors(), before))
 
 
-_LAYERS_READY = os.environ.get("V4K_TEST_LAYER_TRANSACTIONS") == "1"
-
-
 def _tiny_layer(ratio):
     from v4kernels.layers.attention import V4Attention
     from v4kernels.layers.config import V4Config
 
     cfg = V4Config(dim=256, n_heads=4, q_lora_rank=128, o_groups=2, o_lora_rank=64, index_topk=8,
-                   n_routed_experts=8, moe_inter_dim=128, route_scale=1.5, index_n_heads=4, vocab_size=1000)
-    return V4Attention(cfg, ratio, seed=0), cfg
+                   n_routed_experts=8, moe_inter_dim=128, route_scale=1.5, index_n_heads=4, vocab_size=1000,
+                   window_size=16)
+    return V4Attention(cfg, ratio, seed=0, dtype=torch.float32), cfg
 
 
 def _cache_state(cache):
-    snap = cache.snapshot()
-    out = [snap["kv"], snap["pos"]]
-    if snap["index_keys"] is not None:
-        out.append(snap["index_keys"])
-    for k in ("compressor", "index_compressor"):
-        if snap[k] is not None:
-            out.extend(snap[k].tensors())
-    return out
+    """Every piece of a cache's state, as the cache holds it (no copies: compare right away or clone)."""
+    out = [cache.kv, list(cache.positions), cache.positions_dev]
+    if cache.index_keys is not None:
+        out.append(cache.index_keys)
+    for st in (cache.compressor, cache.index_compressor):
+        if st is not None:
+            out.extend(st.tensors())
+    return [t.clone() if isinstance(t, torch.Tensor) else t for t in out]
 
 
 def _same(a, b):
-    return all((torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y) for x, y in zip(a, b))
+    return len(a) == len(b) and all((torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y) for x, y in zip(a, b))
 
 
-@pytest.mark.skipif(not _LAYERS_READY, reason="V4Attention transactional decode lands with the layers rewrite "
-                    "(enable with V4K_TEST_LAYER_TRANSACTIONS=1)")
+def _forced_backend_failure():
+    """A backend forced for grouped_linear (the step's last op) that cannot run here."""
+    for name in ("cuda", "triton"):
+        be = R.get_backend(name)
+        if be.device_reasons("cpu", forced=True) or be.backend_reasons("cpu"):
+            return v4k.use_backend(name, ops=["grouped_linear"]), R.BackendUnavailableError
+    pytest.skip("every backend that implements grouped_linear runs on this machine")
+
+
+class _Injected(RuntimeError):
+    pass
+
+
+def _failing(monkeypatch, name, nth=1, when=lambda kw: True):
+    """Make the ``nth`` call of ``v4k.<name>`` (as the layer calls it) with keywords ``when``
+    accepts raise."""
+    real = getattr(v4k, name)
+    calls = [0]
+
+    def fn(*a, **k):
+        calls[0] += when(k)
+        if when(k) and calls[0] == nth:
+            raise _Injected(f"injected failure in {name}")
+        return real(*a, **k)
+
+    monkeypatch.setattr(v4k, name, fn)
+
+
+# (failure, where): the forced backend fails at the last op; sparse_attn after every cache
+# write; the inverse RoPE after attention; the second compress_kv of a CSA step after the indexer
+# keys were written (for HCA/window layers the first one / none)
+_FAILURES = ["forced_backend", "sparse_attn", "inverse_rope", "compress_kv"]
+
+
 @pytest.mark.parametrize("ratio", [0, 4, 128])
-def test_attention_decode_failure_leaves_cache_unchanged(ratio):
+@pytest.mark.parametrize("step", ["decode", "chunk", "prefill"])
+@pytest.mark.parametrize("failure", _FAILURES)
+def test_attention_step_failure_leaves_cache_unchanged(ratio, step, failure, monkeypatch):
+    if failure == "compress_kv" and ratio == 0:
+        pytest.skip("a window-only layer has no compressor")
     attn, cfg = _tiny_layer(ratio)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 9, cfg.dim, generator=g).bfloat16()
+    total = 140  # past a 128-token HCA window close and several ring wraps
+    x = torch.randn(2, total, cfg.dim, generator=g)
+    cache = attn.new_cache(2, total)
+    # decode at 127 closes the first HCA window and a CSA window; the chunk 120..132 too
+    p0, n = {"decode": (127, 1), "chunk": (120, 13), "prefill": (0, 130)}[step]
+    with torch.no_grad():
+        if p0:
+            attn(x[:, :p0], cache, 0)
+        before, snap = _cache_state(cache), cache.snapshot()
+        if failure == "forced_backend":
+            ctx, exc = _forced_backend_failure()
+            with pytest.raises(exc), ctx:
+                attn(x[:, p0 : p0 + n], cache, p0)
+        else:
+            if failure == "inverse_rope":
+                _failing(monkeypatch, "apply_rope", when=lambda kw: kw.get("inverse", False))
+            elif failure == "compress_kv":
+                _failing(monkeypatch, "compress_kv", nth=2 if ratio == 4 else 1)
+            else:
+                _failing(monkeypatch, failure)
+            with pytest.raises(_Injected):
+                attn(x[:, p0 : p0 + n], cache, p0)
+            monkeypatch.undo()
+        assert _same(_cache_state(cache), before), "a failed step changed the cache"
+        # the step then succeeds from the unchanged cache, exactly like on a cache that never failed
+        out = attn(x[:, p0 : p0 + n], cache, p0)
+        fresh = attn.new_cache(2, total)
+        fresh.restore(snap)
+        want = attn(x[:, p0 : p0 + n], fresh, p0)
+    assert cache.pos == p0 + n
+    assert torch.equal(out, want)
+    assert _same(_cache_state(cache), _cache_state(fresh))
+
+
+def test_attention_step_failure_keeps_state_tensor_references():
+    attn, cfg = _tiny_layer(4)
+    x = torch.randn(1, 9, cfg.dim)
     cache = attn.new_cache(1, 32)
+    refs = [cache.kv, cache.index_keys, cache.positions_dev, *cache.compressor.tensors(), *cache.index_compressor.tensors()]
     with torch.no_grad():
         attn(x[:, :8], cache, 0)
-        before = _cache_state(cache)
-        # a forced backend that cannot run the last op of the step (grouped_linear on cuda)
-        with pytest.raises(R.BackendUnavailableError), v4k.use_backend("cuda", ops=["grouped_linear"]):
-            attn(x[:, 8:9], cache, 8)
-    assert _same(_cache_state(cache), before)
+        attn(x[:, 8:], cache, 8)
+    now = [cache.kv, cache.index_keys, cache.positions_dev, *cache.compressor.tensors(), *cache.index_compressor.tensors()]
+    assert all(a is b for a, b in zip(refs, now))
+    assert cache.compressor.positions == [9] and cache.index_compressor.positions == [9]
+
+
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+def test_block_failure_after_attention_leaves_cache_unchanged(ratio, monkeypatch):
+    """A block commits its attention step only once the FFN succeeded."""
+    from v4kernels.layers.block import V4Block
+
+    _, cfg = _tiny_layer(ratio)
+    blk = V4Block(cfg, ratio, n_experts=8, simulate_quant=False, dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(1, 130, cfg.hc_mult, cfg.dim, generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (1, 130), generator=g)
+    cache = blk.attn.new_cache(1, 130)
     with torch.no_grad():
-        attn(x[:, 8:9], cache, 8)  # and the step then succeeds from the unchanged cache
-    assert cache.pos == 9
+        blk(h[:, :127], cache, 0, ids[:, :127])
+        before, snap = _cache_state(cache), cache.snapshot()
+        _failing(monkeypatch, "moe_experts")
+        with pytest.raises(_Injected):
+            blk(h[:, 127:128], cache, 127, ids[:, 127:128])
+        monkeypatch.undo()
+        assert _same(_cache_state(cache), before)
+        out = blk(h[:, 127:128], cache, 127, ids[:, 127:128])
+        fresh = blk.attn.new_cache(1, 130)
+        fresh.restore(snap)
+        want = blk(h[:, 127:128], fresh, 127, ids[:, 127:128])
+    assert cache.pos == 128 and torch.equal(out, want)
+    assert _same(_cache_state(cache), _cache_state(fresh))
 
 
-@pytest.mark.skipif(not _LAYERS_READY, reason="V4Attention cache-kind validation lands with the layers rewrite "
-                    "(enable with V4K_TEST_LAYER_TRANSACTIONS=1)")
+def _bad_caches(attn, cfg):
+    """(name, cache) pairs a layer of ratio 4 must refuse: other layer kinds, other layouts."""
+    from v4kernels.layers.attention import AttentionCache
+
+    def mk(**kw):
+        c = attn.new_cache(1, 32)
+        for k, v in kw.items():
+            setattr(c, k, v)
+        return c
+
+    yield "HCA cache", AttentionCache(cfg, 128, 1, 32, dtype=torch.float32)
+    yield "window cache", AttentionCache(cfg, 0, 1, 32, dtype=torch.float32)
+    yield "CSA flag off", AttentionCache(cfg, 4, 1, 32, dtype=torch.float32, csa=False)
+    yield "other head dim", AttentionCache(cfg.with_(head_dim=256), 4, 1, 32, dtype=torch.float32)
+    yield "other window", AttentionCache(cfg.with_(window_size=32), 4, 1, 32, dtype=torch.float32)
+    yield "batch 2", attn.new_cache(2, 32)
+    yield "no index keys", mk(index_keys=None)
+    yield "index keys head dim", mk(index_keys=torch.zeros(1, 8, 64))
+    yield "kv rows", mk(kv=torch.zeros(1, 23, cfg.head_dim))
+    yield "kv dtype", mk(kv=torch.zeros(1, 24, cfg.head_dim, dtype=torch.bfloat16))
+    yield "kv fp8 flag", mk(kv_fp8=True)
+    yield "compressor ratio", mk(compressor=v4k.CompressorState.empty(1, 8, cfg.head_dim, overlap=True))
+    yield "compressor head dim", mk(compressor=v4k.CompressorState.empty(1, 4, 128))
+    yield "compressor overlap", mk(compressor=v4k.CompressorState.empty(1, 4, cfg.head_dim, overlap=False))
+    yield "index compressor", mk(index_compressor=v4k.CompressorState.empty(1, 4, cfg.head_dim))
+    yield "no compressor", mk(compressor=None)
+    yield "positions_dev", mk(positions_dev=torch.zeros(2, dtype=torch.int64))
+    yield "position", mk(positions=[3])
+    yield "capacity", attn.new_cache(1, 8)
+
+
 def test_attention_rejects_cache_of_other_layer_kind_without_writing():
     attn4, cfg = _tiny_layer(4)
     attn128, _ = _tiny_layer(128)
-    x = torch.randn(1, 8, cfg.dim).bfloat16()
+    x = torch.randn(1, 8, cfg.dim)
     cache = attn128.new_cache(1, 32)
     with torch.no_grad():
         attn128(x, cache, 0)
@@ -274,6 +397,21 @@ def test_attention_rejects_cache_of_other_layer_kind_without_writing():
         with pytest.raises(ValueError, match="V4Attention"):
             attn4(x[:, :1], cache, 8)
     assert _same(_cache_state(cache), before)
+
+
+def test_attention_rejects_mismatched_caches_before_writing():
+    attn, cfg = _tiny_layer(4)
+    x = torch.randn(1, 9, cfg.dim)
+    for name, cache in _bad_caches(attn, cfg):
+        before = _cache_state(cache)
+        try:
+            with torch.no_grad():
+                attn(x, cache, 0)
+        except ValueError as e:
+            assert str(e).startswith("V4Attention: "), (name, str(e))
+        else:
+            pytest.fail(f"a cache with a wrong {name} was accepted")
+        assert _same(_cache_state(cache), before), name
 
 
 # ------------------------------------------------------------------------------------------ 4

@@ -156,10 +156,13 @@ class AttentionCache:
         """KV rows in the cache's storage format (packed FP8 or the cache dtype)."""
         return v4k.pack_kv_fp8(rows) if self.kv_fp8 else rows.to(self.kv.dtype)
 
+    def ring_slots(self, first: torch.Tensor, n: int) -> torch.Tensor:
+        """Ring slots [B, n] of positions ``first[b] + i`` (device tensor [B])."""
+        return (first.unsqueeze(1) + torch.arange(n, device=first.device)) % self.window
+
     def store_ring(self, rows: torch.Tensor, first: torch.Tensor) -> None:
         """Write rows [B, n, hd] of positions ``first[b] + i`` (device tensor [B]) into their ring slots."""
-        n = rows.shape[1]
-        slots = (first.unsqueeze(1) + torch.arange(n, device=first.device)) % self.window  # [B, n]
+        slots = self.ring_slots(first, rows.shape[1])  # [B, n]
         enc = self.encode(rows)
         self.kv[:, : self.window].scatter_(1, slots.unsqueeze(-1).expand(-1, -1, enc.shape[-1]), enc)
 
@@ -212,8 +215,13 @@ class AttentionCache:
         self.kv.copy_(snap["kv"])
         if self.index_keys is not None:
             self.index_keys.copy_(snap["index_keys"])
-        self.compressor = None if snap["compressor"] is None else snap["compressor"].clone()
-        self.index_compressor = None if snap["index_compressor"] is None else snap["index_compressor"].clone()
+        for name in ("compressor", "index_compressor"):
+            cur, saved = getattr(self, name), snap[name]
+            if cur is None or saved is None:
+                setattr(self, name, None if saved is None else saved.clone())
+            else:
+                for dst, src in zip(cur.tensors(), saved.tensors()):
+                    dst.copy_(src)
         self.positions = list(snap["positions"])
         self.positions_dev.copy_(snap["positions_dev"])
 
@@ -313,25 +321,106 @@ class V4Attention(nn.Module):
         return AttentionCache(self.cfg, self.ratio, batch, max_len, device, kv_fp8, dtype or self.dtype, csa=self.csa)
 
     def forward(self, x: torch.Tensor, cache: AttentionCache, start_pos: int | Sequence[int]) -> torch.Tensor:
+        """One step. Transactional: it either completes (cache advanced by ``S`` tokens) or raises
+        and leaves the cache (KV rows, indexer keys, compressor states, positions) bit-identical.
+        The compressors run on copies of their states, committed after the last op; the KV rows
+        and indexer keys the step overwrites are saved first and put back on failure."""
+        out, pending = self.step(x, cache, start_pos)
+        pending.commit()
+        return out
+
+    def step(self, x: torch.Tensor, cache: AttentionCache, start_pos: int | Sequence[int]) -> tuple[torch.Tensor, "PendingStep"]:
+        """``forward`` without the commit: the output and the step's :class:`PendingStep`, to
+        ``commit()`` once the caller's own work after the attention succeeded or to
+        ``rollback()`` (e.g. a block whose FFN fails). Until then the cache holds the step's KV
+        rows but not its positions or compressor states: call one of the two before the next step."""
         op = "V4Attention"
         cfg = self.cfg
         if x.dim() != 3 or x.shape[-1] != cfg.dim:
             raise ValueError(f"{op}: x must be [B, S, {cfg.dim}], got {list(x.shape)}")
         b, s, _ = x.shape
         starts = _as_starts(op, start_pos, b)
+        self._check_cache(cache, x, starts)
+        undo = _UndoLog()
+        comp = cache.compressor.clone() if self.ratio else None
+        icomp = cache.index_compressor.clone() if self.csa else None
+        try:
+            out = self._step(x, cache, starts, comp, icomp, undo)
+        except BaseException:
+            undo.rollback()
+            raise
+        return out, PendingStep(cache, s, comp, icomp, undo)
+
+    def _check_cache(self, cache: AttentionCache, x: torch.Tensor, starts: list[int]) -> None:
+        """Everything a step needs from ``cache``, checked before anything is written."""
+        op = "V4Attention"
+        cfg = self.cfg
+        b, s = x.shape[0], x.shape[1]
+        if not isinstance(cache, AttentionCache):
+            raise TypeError(f"{op}: cache must be an AttentionCache (new_cache()), got {type(cache).__name__}")
         if cache.batch != b or cache.ratio != self.ratio or cache.csa != self.csa:
             raise ValueError(f"{op}: the cache was made for batch {cache.batch}, ratio {cache.ratio}, csa={cache.csa}; "
                              f"got batch {b}, ratio {self.ratio}, csa={self.csa}")
-        if starts != cache.positions:
-            raise ValueError(f"{op}: start_pos={starts} does not match the cache positions {cache.positions}")
         if s < 1:
             raise ValueError(f"{op}: x must hold at least one token per sequence, got S={s}")
+        if min(starts) < 0:
+            raise ValueError(f"{op}: start_pos must be >= 0, got {starts}")
+        if starts != cache.positions:
+            raise ValueError(f"{op}: start_pos={starts} does not match the cache positions {cache.positions}")
         if max(starts) + s > cache.max_len:
             raise ValueError(f"{op}: {max(starts) + s} tokens exceed the cache capacity max_len={cache.max_len}")
         if x.dtype != cache.dtype:
             raise TypeError(f"{op}: x has dtype {x.dtype} but the cache holds {cache.dtype} (new_cache(dtype=...))")
-        if x.device != cache.device:
-            raise ValueError(f"{op}: x is on {x.device} but the cache is on {cache.device}")
+        w = cfg.window_size
+        n_comp = cache.max_len // self.ratio if self.ratio else 0
+        if cache.window != w or cache.n_comp != n_comp:
+            raise ValueError(f"{op}: the cache holds a {cache.window}-slot window and {cache.n_comp} compressed rows; the "
+                             f"layer needs {w} and {n_comp} (max_len {cache.max_len}, ratio {self.ratio})")
+        if cache.kv_fp8:
+            row, kv_dtype = 584, torch.uint8
+            if cfg.head_dim != 512:
+                raise ValueError(f"{op}: a packed FP8 KV cache (584 B rows) holds 512-dim heads, the layer has head_dim "
+                                 f"{cfg.head_dim}")
+        else:
+            row, kv_dtype = cfg.head_dim, cache.dtype
+        want = [b, w + n_comp, row]
+        if list(cache.kv.shape) != want or cache.kv.dtype != kv_dtype:
+            raise ValueError(f"{op}: cache.kv must be {kv_dtype} {want} (kv_fp8={cache.kv_fp8}), got {cache.kv.dtype} "
+                             f"{list(cache.kv.shape)}")
+        tensors = {"kv": cache.kv, "positions_dev": cache.positions_dev}
+        if list(cache.positions_dev.shape) != [b] or cache.positions_dev.dtype != torch.int64:
+            raise ValueError(f"{op}: cache.positions_dev must be int64 [{b}], got {cache.positions_dev.dtype} "
+                             f"{list(cache.positions_dev.shape)}")
+        if self.csa:
+            want = [b, n_comp, cfg.index_head_dim]
+            ik = cache.index_keys
+            if ik is None or list(ik.shape) != want or ik.dtype != cache.dtype:
+                got = None if ik is None else f"{ik.dtype} {list(ik.shape)}"
+                raise ValueError(f"{op}: a CSA layer needs cache.index_keys {cache.dtype} {want}, got {got}")
+            tensors["index_keys"] = ik
+        for name, hd, overlap, needed in (("compressor", cfg.head_dim, self.csa, bool(self.ratio)),
+                                          ("index_compressor", cfg.index_head_dim, True, self.csa)):
+            st = getattr(cache, name)
+            if not needed:
+                continue
+            if not isinstance(st, v4k.CompressorState):
+                raise ValueError(f"{op}: the layer (ratio {self.ratio}) needs cache.{name}, got {type(st).__name__}")
+            got = (st.batch_size, st.ratio, st.head_dim, st.overlap)
+            if got != (b, self.ratio, hd, overlap):
+                raise ValueError(f"{op}: cache.{name} must have (batch, ratio, head_dim, overlap) = "
+                                 f"{(b, self.ratio, hd, overlap)}, got {got}")
+            tensors.update({f"{name}.{i}": t for i, t in enumerate(st.tensors())})
+        wrong = {k: str(t.device) for k, t in tensors.items() if t.device != x.device}
+        if wrong:
+            raise ValueError(f"{op}: x is on {x.device} but cache tensors are on {wrong}")
+
+    def _step(self, x: torch.Tensor, cache: AttentionCache, starts: list[int], comp: v4k.CompressorState | None,
+              icomp: v4k.CompressorState | None, undo: "_UndoLog") -> torch.Tensor:
+        """The step on a checked cache: compressors update ``comp``/``icomp`` (copies of the cache's
+        states), every cache row overwritten is first saved in ``undo``; positions are left as
+        they are (the caller commits)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
         dev = x.device
         w = cfg.window_size
         # Layout of the KV buffer the index lists point into (SPEC §8, docs/op_contracts.md):
@@ -345,6 +434,7 @@ class V4Attention(nn.Module):
             mode, offset = "chunk", w + s
         first_dev = cache.positions_dev  # [B] device copy of `starts`
         positions = first_dev.unsqueeze(1) + torch.arange(s, device=dev)  # [B, S]
+        rows_b = torch.arange(b, device=dev).unsqueeze(1)  # [B, 1]
 
         # query path (SPEC §5.2)
         qr = v4k.rms_norm(self.wq_a(x), self.q_norm, cfg.norm_eps)
@@ -359,6 +449,7 @@ class V4Attention(nn.Module):
 
         idx_parts = [v4k.window_indices(starts, s, w, mode=mode, device=dev)]
         if mode == "decode":
+            undo.save(cache.kv, (rows_b, cache.ring_slots(first_dev, 1)))
             cache.store_ring(kv, first_dev)  # the ring holds the current token before attention reads it
 
         ends = [p + s for p in starts]
@@ -366,8 +457,8 @@ class V4Attention(nn.Module):
             # lightning indexer (SPEC §7): its own compressor runs first, then scoring + top-k
             qi = self.index_wq_b(qr).view(b, s, cfg.index_n_heads, cfg.index_head_dim)
             qi = v4k.indexer_query(qi, positions, self.freqs, rotate=self.simulate_quant, simulate_fp4=self.simulate_quant)
-            keys, _ = self.index_compressor(x, self.freqs, cache.index_compressor, "fp4" if self.simulate_quant else "none")
-            self._store_entries(cache.index_keys, keys, starts, s, 0)
+            keys, _ = self.index_compressor(x, self.freqs, icomp, "fp4" if self.simulate_quant else "none")
+            self._store_entries(cache.index_keys, keys, starts, s, 0, undo)
             visible = max(e // self.ratio for e in ends)
             weights = linear(x, self.index_weights_proj).float() * v4k.indexer_scale(cfg.index_n_heads, cfg.index_head_dim)
             idx_parts.append(
@@ -379,8 +470,8 @@ class V4Attention(nn.Module):
 
         entries = None
         if self.ratio:
-            entries, _ = self.compressor(x, self.freqs, cache.compressor, "fp8" if self.simulate_quant else "none")
-            self._store_entries(cache.kv, entries, starts, s, w, encode=cache.encode)
+            entries, _ = self.compressor(x, self.freqs, comp, "fp8" if self.simulate_quant else "none")
+            self._store_entries(cache.kv, entries, starts, s, w, undo, encode=cache.encode)
         if mode == "decode":
             kv_buffer = cache.kv
         elif mode == "prefill":
@@ -392,9 +483,9 @@ class V4Attention(nn.Module):
         if mode != "decode":
             # the last `window` tokens go to the ring for the steps that follow
             last = min(s, w)
-            cache.store_ring(kv[:, s - last :], first_dev + (s - last))
-        cache.positions = ends
-        cache.positions_dev += s
+            ring_first = first_dev + (s - last)
+            undo.save(cache.kv, (rows_b, cache.ring_slots(ring_first, last)))
+            cache.store_ring(kv[:, s - last :], ring_first)
 
         idx = torch.cat(idx_parts, dim=-1) if len(idx_parts) > 1 else idx_parts[0]
         o = v4k.sparse_attn(q, kv_buffer, self.attn_sink, idx, cfg.head_dim**-0.5)
@@ -403,20 +494,70 @@ class V4Attention(nn.Module):
         return self.wo_b(u.flatten(2))
 
     def _store_entries(self, dst: torch.Tensor, entries: torch.Tensor, starts: list[int], n_tok: int, base: int,
-                       encode=None) -> None:
+                       undo: "_UndoLog", encode=None) -> None:
         """Write the compressed entries a call of ``n_tok`` tokens emitted (row r of sequence b is
         entry p_b // ratio + r; the first (p_b + S) // ratio − p_b // ratio rows are valid) at
-        ``dst[b, base + entry]``. The counts are host arithmetic on the known positions: nothing is
-        read back from the device."""
+        ``dst[b, base + entry]``, saving the rows overwritten in ``undo``. The counts are host
+        arithmetic on the known positions: nothing is read back from the device."""
         m = self.ratio
         counts = [(p + n_tok) // m - p // m for p in starts]
         enc = encode or (lambda t: t.to(dst.dtype))
         if len(set(starts)) == 1:
             n, first = counts[0], base + starts[0] // m
             if n:
+                undo.save(dst, (slice(None), slice(first, first + n)))
                 dst[:, first : first + n] = enc(entries[:, :n])
             return
         for bi, (p, n) in enumerate(zip(starts, counts)):
             if n:
                 first = base + p // m
+                undo.save(dst, (bi, slice(first, first + n)))
                 dst[bi, first : first + n] = enc(entries[bi, :n])
+
+
+class PendingStep:
+    """A step that ran but is not committed: its KV rows and indexer keys are in the cache (the
+    rows they replaced saved), its compressor states and positions are not."""
+
+    def __init__(self, cache: AttentionCache, n_tok: int, comp, icomp, undo: "_UndoLog") -> None:
+        self.cache, self.n_tok, self.comp, self.icomp, self.undo = cache, n_tok, comp, icomp, undo
+        self.done = False
+
+    def _finish(self) -> None:
+        if self.done:
+            raise RuntimeError("V4Attention: this step was already committed or rolled back")
+        self.done = True
+
+    def commit(self) -> None:
+        """Publish the compressor states (in place: references stay valid) and the positions."""
+        self._finish()
+        c = self.cache
+        for new, cur in ((self.comp, c.compressor), (self.icomp, c.index_compressor)):
+            if new is not None:
+                for dst, src in zip(cur.tensors(), new.tensors()):
+                    dst.copy_(src)
+        c.positions = [p + self.n_tok for p in c.positions]
+        c.positions_dev += self.n_tok
+
+    def rollback(self) -> None:
+        """Put back the rows the step overwrote: the cache is as before the step."""
+        self._finish()
+        self.undo.rollback()
+
+
+class _UndoLog:
+    """The cache rows a step overwrites, saved just before each write (only those rows: a decode
+    step saves one ring slot and at most a compressed row per sequence); ``rollback`` writes them
+    back in reverse order."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
+
+    def save(self, dst: torch.Tensor, index: tuple) -> None:
+        self._saved.append((dst, index, dst[index].detach().clone()))
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            while self._saved:
+                dst, index, old = self._saved.pop()
+                dst[index] = old

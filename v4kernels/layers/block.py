@@ -183,11 +183,17 @@ class V4Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cache: AttentionCache, start_pos: int, token_ids: torch.Tensor) -> torch.Tensor:
         x, post, comb = self._hc_pre(h, self.hc_attn)
-        a = self.attn(v4k.rms_norm(x, self.attn_norm, self.cfg.norm_eps), cache, start_pos)
-        h = v4k.hc_post(a, h, post, comb)
-        x, post, comb = self._hc_pre(h, self.hc_ffn)
-        f = self.ffn(v4k.rms_norm(x, self.ffn_norm, self.cfg.norm_eps), token_ids)
-        return v4k.hc_post(f, h, post, comb)
+        a, pending = self.attn.step(v4k.rms_norm(x, self.attn_norm, self.cfg.norm_eps), cache, start_pos)
+        try:  # the cache advances only if the whole block step succeeds
+            h = v4k.hc_post(a, h, post, comb)
+            x, post, comb = self._hc_pre(h, self.hc_ffn)
+            f = self.ffn(v4k.rms_norm(x, self.ffn_norm, self.cfg.norm_eps), token_ids)
+            out = v4k.hc_post(f, h, post, comb)
+        except BaseException:
+            pending.rollback()
+            raise
+        pending.commit()
+        return out
 
 
 class HyperHead(nn.Module):
