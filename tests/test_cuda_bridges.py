@@ -292,7 +292,7 @@ def test_deepgemm_moe_adapter(fake_vendors, after):
     ids = torch.randint(0, e, (t, k), generator=g, dtype=torch.int32)
     ids[1, 1] = -1
     wts = torch.rand(t, k, generator=g)
-    args = (x, wts, ids, w1, w1_s, w3, w3_s, w2, w2_s, 10.0, after, torch.float32)
+    args = (x, wts, ids, w1, w1_s, w3, w3_s, w2, w2_s, 10.0, after, torch.float32, False)
     assert not MC._refusals(*args)
     got = MC._run(*args)
     exp = reference_kernel("moe_experts")(*args)

@@ -397,10 +397,10 @@ def test_compress_kv_sensitivity():
 
 def test_compress_kv_refusal_reason():
     x, inp, st = _comp_setup(1, 8, 512, "none", 33, prefix=(0,))
-    args = (x, *inp.values(), *st.tensors(), 8, "fp4", 1e-6)
+    args = (x, *inp.values(), *st.tensors(), 8, "fp4", 1e-6, False)
     reasons = R.get_backend("triton").call_reasons("compress_kv", args, "cpu", True)
     assert len(reasons) == 1 and "head_dim <= 256" in reasons[0]
-    assert R.get_backend("triton").call_reasons("compress_kv", args[:-2] + ("fp8", 1e-6), "cpu", True) == []
+    assert R.get_backend("triton").call_reasons("compress_kv", args[:-3] + ("fp8", 1e-6, False), "cpu", True) == []
 
 
 def test_indices_edges_and_sensitivity():
