@@ -36,6 +36,15 @@ ACCELERATOR_TOLERANCES: dict[torch.dtype, Tolerance] = {
 }
 
 
+def launch_row(base: dict[str, dict[str, int]], **overrides: dict[str, int]) -> dict[str, dict[str, int]]:
+    """A Triton launch row that differs from ``base`` only in the given kernels' parameters, e.g.
+    ``launch_row(CUDA_TRITON_BLOCKS, attn={"SPLIT_MIN": 512})``; every kernel of ``base`` is kept."""
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise KeyError(f"launch_row: kernels {sorted(unknown)} are not in the base row")
+    return {k: {**params, **overrides.get(k, {})} for k, params in base.items()}
+
+
 @dataclass
 class BuildContext:
     """What ``setup.py`` hands to each backend's build hook."""

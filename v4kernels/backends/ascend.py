@@ -26,27 +26,22 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ._base import ACCELERATOR_TOLERANCES, Backend, BuildContext
+from ._base import ACCELERATOR_TOLERANCES, Backend, BuildContext, launch_row
+from .cuda import CUDA_TRITON_BLOCKS
 
-#: Launch row for Triton-Ascend (see docs/triton_portability.md). An Ascend AI core runs one
+#: Launch row for Triton-Ascend: the GPU row with larger tiles (see docs/triton_portability.md). An Ascend AI core runs one
 #: program at a time and a launch grid is best kept near the core count (24-40 vector cores on
 #: 910B/910_93); every tile of a program must fit the core's unified buffer (192 KiB on
 #: A2/A3, of which the compiler uses about half for double buffering), so tiles here are chosen
 #: so that each kernel's working set stays under UB_BUDGET_BYTES.
-NPU_TRITON_BLOCKS = {
-    "rows": {"BLOCK_R": 16, "ROW_ELEMS": 8192},
-    "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128},
-    "attn": {"BLOCK_H": 16, "BLOCK_K": 64, "SPLIT_MIN": 512, "FORCE_SPLIT": 0},
-    "indexer": {"BLOCK_N": 128, "BLOCK_H": 64},
-    "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
-    "compressor": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_S": 16, "BLOCK_T": 8, "BLOCK_W": 512,
-                   "BLOCK_WIN": 1, "POOL_TILE": 8192},
-    "indices": {"BLOCK_S": 32, "BLOCK_U": 128},
-    "kv_pack": {"BLOCK_R": 4},
-    "mhc": {"BLOCK_T_SPLIT": 16, "BLOCK_D_PRE": 128, "BLOCK_T_POST": 4, "BLOCK_D_POST": 256},
-    "moe_gate": {"BLOCK_K": 64},
-    "hadamard": {"BLOCK_R_DOT": 32, "BLOCK_R": 16},
-}
+NPU_TRITON_BLOCKS = launch_row(
+    CUDA_TRITON_BLOCKS,
+    rows={"BLOCK_R": 16},
+    attn={"BLOCK_K": 64, "SPLIT_MIN": 512},
+    indexer={"BLOCK_N": 128},
+    compressor={"BLOCK_K": 128, "BLOCK_S": 16, "BLOCK_T": 8, "BLOCK_W": 512, "POOL_TILE": 8192},
+    indices={"BLOCK_S": 32},
+)
 
 #: Triton-Ascend constraints the launch row and the kernels are checked against.
 NPU_TRITON_LIMITS = {

@@ -20,26 +20,21 @@ import importlib.util
 import os
 from typing import Any
 
-from ._base import ACCELERATOR_TOLERANCES, Backend, BuildContext
+from ._base import ACCELERATOR_TOLERANCES, Backend, BuildContext, launch_row
+from .cuda import CUDA_TRITON_BLOCKS
 
 #: Launch row for Cambricon's Triton (``triton.backends.mlu``). An MLU core has a few hundred KiB
 #: of NRAM and no shared-memory/warp hierarchy; programs beyond the core count (clusters x cores
 #: per cluster) run in further rounds, each with a launch cost. So: large tiles that fit NRAM,
 #: few programs, and split-K/split-N kept low (docs/cambricon.md, "Triton on MLU").
-MLU_TRITON_BLOCKS = {
-    "rows": {"BLOCK_R": 16, "ROW_ELEMS": 8192},
-    "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128},
-    "attn": {"BLOCK_H": 16, "BLOCK_K": 64, "SPLIT_MIN": 1024, "FORCE_SPLIT": 0},
-    "indexer": {"BLOCK_N": 128, "BLOCK_H": 64},
-    "moe": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128},
-    "compressor": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_S": 16, "BLOCK_T": 8, "BLOCK_W": 512,
-                   "BLOCK_WIN": 1, "POOL_TILE": 8192},
-    "indices": {"BLOCK_S": 32, "BLOCK_U": 128},
-    "kv_pack": {"BLOCK_R": 4},
-    "mhc": {"BLOCK_T_SPLIT": 16, "BLOCK_D_PRE": 128, "BLOCK_T_POST": 4, "BLOCK_D_POST": 256},
-    "moe_gate": {"BLOCK_K": 64},
-    "hadamard": {"BLOCK_R_DOT": 32, "BLOCK_R": 16},
-}
+MLU_TRITON_BLOCKS = launch_row(
+    CUDA_TRITON_BLOCKS,
+    rows={"BLOCK_R": 16},
+    attn={"BLOCK_K": 64, "SPLIT_MIN": 1024},
+    indexer={"BLOCK_N": 128},
+    compressor={"BLOCK_K": 128, "BLOCK_S": 16, "BLOCK_T": 8, "BLOCK_W": 512, "POOL_TILE": 8192},
+    indices={"BLOCK_S": 32},
+)
 
 #: ops without a torch_mlu_ops equivalent an adapter could call, and why (shown by ``info``)
 NO_VENDOR_OP: dict[str, str] = {
