@@ -349,6 +349,20 @@ def _hyper_head_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return v4k.hc_head(x, self.hc_fn.float(), self.hc_scale.float(), self.hc_base.float(), self.input_norm.eps, self.eps)
 
 
+def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A bias-free ``nn.Linear``: ``grouped_linear`` with one group (fp32 accumulation, one
+    rounding to ``x.dtype`` — what HF's bf16/fp16 GEMM does) unless everything is fp32, where
+    torch's own GEMM is used (the same formula, and the fastest fp32 GEMM at hand)."""
+    w = self.weight
+    if w.dtype == torch.float32 and x.dtype == torch.float32:
+        return torch.nn.functional.linear(x, w)
+    if x.dtype != w.dtype:
+        raise TypeError(f"v4kernels linear: input dtype {x.dtype} != weight dtype {w.dtype} (HF would fail the same way)")
+    lead = x.shape[:-1]
+    out = v4k.grouped_linear(x.reshape(1, -1, 1, x.shape[-1]), w.unsqueeze(0))
+    return out.view(*lead, w.shape[0])
+
+
 def _rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return v4k.rms_norm(hidden_states, self.weight, self.variance_epsilon, hf_rounding=True)
 
@@ -445,7 +459,7 @@ def is_applied(model: torch.nn.Module) -> bool:
 
 
 def apply(model: torch.nn.Module, *, attention: bool = True, mhc: bool = True, moe: bool = True,
-          norm: bool = True) -> torch.nn.Module:
+          norm: bool = True, linear: bool = True) -> torch.nn.Module:
     """Run ``model`` (a transformers ``DeepseekV4ForCausalLM`` / ``DeepseekV4Model``) on v4kernels.
 
     Binds v4kernels forwards on this model's module instances (the classes and other models are
@@ -460,6 +474,10 @@ def apply(model: torch.nn.Module, *, attention: bool = True, mhc: bool = True, m
     moe : both routers (``moe_gate``) and the routed experts (``moe_experts`` via
         ``ExpertsInterface`` + ``model.set_experts_implementation("v4kernels")``)
     norm : every RMSNorm (weighted and unweighted)
+    linear : the model's plain bias-free ``nn.Linear`` layers (q/kv/o projections, indexer,
+        shared expert, ``lm_head``) on ``grouped_linear`` when their weights are bf16/fp16
+        (native CPU GEMM with fp32 accumulation instead of torch's slow half-precision CPU GEMM);
+        fp32 layers keep torch's GEMM
 
     Raises
     ------
@@ -491,9 +509,11 @@ def apply(model: torch.nn.Module, *, attention: bool = True, mhc: bool = True, m
             _bind(m, _hash_router_forward, "moe")
         elif moe and isinstance(m, M.DeepseekV4Experts):
             m.__dict__["_v4k_experts"] = True
+        elif linear and type(m) is torch.nn.Linear and m.bias is None:
+            _bind(m, _linear_forward, "linear")
     if attention:
         _bind(base, _model_forward, "attention")
-    state: dict[str, Any] = {"attention": attention, "mhc": mhc, "moe": moe, "norm": norm}
+    state: dict[str, Any] = {"attention": attention, "mhc": mhc, "moe": moe, "norm": norm, "linear": linear}
     if moe:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
