@@ -207,8 +207,8 @@ def main() -> None:
         v = run("v4k", "prefill", n)
         h = run_hf(n)
         rows.append((n, h, v))
-    dv = run("v4k", "decode", a.decode_prompt, steps=a.decode_steps)
-    dh = run("hf", "decode", a.decode_prompt, steps=a.decode_steps)
+    dv = run("v4k", "decode", a.decode_prompt, steps=a.decode_steps) if a.decode_steps else {"error": "not run"}
+    dh = run("hf", "decode", a.decode_prompt, steps=a.decode_steps) if a.decode_steps else {"error": "not run"}
     extra: dict = {}
     if a.bf16:
         extra["bf16"] = run("v4k", "prefill", a.bf16, dtype="bf16")
@@ -246,8 +246,9 @@ def main() -> None:
         if r:
             print(f"| HF prefill {n} (for the memory fit): peak RSS above weights, GB | {r['g']:.2f} | - | - | - |")
     ratio = dv["tokens_per_s"] / dh["tokens_per_s"] if "tokens_per_s" in dv and "tokens_per_s" in dh else None
-    print(f"| decode after {a.decode_prompt}, tokens/s ({a.decode_steps} steps) | {f(dh, 'tokens_per_s')} | "
-          f"{f(dv, 'tokens_per_s')} | {'-' if ratio is None else f'{ratio:.2f}x'} | - |")
+    if a.decode_steps:
+        print(f"| decode after {a.decode_prompt}, tokens/s ({a.decode_steps} steps) | {f(dh, 'tokens_per_s')} | "
+              f"{f(dv, 'tokens_per_s')} | {'-' if ratio is None else f'{ratio:.2f}x'} | - |")
     if "bf16" in extra:
         b, b32 = extra["bf16"], extra["bf16_fp32"]
         r = b["seconds"] / b32["seconds"] if "seconds" in b and b32 and "seconds" in b32 else None

@@ -124,7 +124,7 @@ def test_prefill_logits_match_hf_eager(model, eager_prefill):
         assert torch.equal(logits(model, tokens(n, n), use_cache=False), eager_prefill[n])
 
 
-def test_chunked_prefill_and_decode_through_the_cache(model, eager_prefill):
+def test_chunked_prefill_and_decode_through_the_cache(model, eager_prefill, monkeypatch):
     from transformers.cache_utils import DynamicCache
 
     ids = tokens(40, 40)
@@ -134,9 +134,13 @@ def test_chunked_prefill_and_decode_through_the_cache(model, eager_prefill):
         parts = [logits(model, ids[:, a:b], past_key_values=cache, use_cache=True)
                  for a, b in ((0, 13), (13, 14), (14, 30), (30, 31), (31, 40))]
         assert any(type(layer).__name__.startswith("V4k") for layer in cache.layers)
+        # the attention's per-head work in query chunks (long prompts) gives the same logits
+        monkeypatch.setattr(v4k_hf, "_Q_CHUNK", 7)
+        split = logits(model, tokens(300, 300), use_cache=False)
     finally:
         v4k_hf.remove(model)
     assert (torch.cat(parts, 1) - eager_prefill[40]).abs().max().item() < TOL
+    assert (split - eager_prefill[300]).abs().max().item() < TOL
 
 
 def test_generate_24_greedy_tokens_identical(model):
@@ -437,10 +441,38 @@ def test_hf_variant_linear_bf16():
     with torch.no_grad():
         ref = lin(x)
         with v4k.track_usage() as usage:
-            out = v4k_hf._linear_forward(lin, x)
+            out = v4k_hf._linear_forward(lin, x)  # 21 rows: streamed by grouped_linear
+        big = torch.randn(2, 50, 256, generator=g).to(BF)
+        out_big, ref_big = v4k_hf._linear_forward(lin, big), lin(big)  # 100 rows: one fp32 GEMM
     assert out.dtype == BF and out.shape == ref.shape
     assert usage.get(("grouped_linear", "cpu"), 0) == 1, usage
-    assert bool((_ulps(out, ref) <= 1).all())
+    assert bool((_ulps(out, ref) <= 1).all()) and bool((_ulps(out_big, ref_big) <= 1).all())
     x32, lin32 = x.float(), lin.float()
     with torch.no_grad():
         assert torch.equal(v4k_hf._linear_forward(lin32, x32), lin32(x32))  # fp32 keeps torch's GEMM
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF])
+def test_experts_read_fused_gate_up_in_place(dtype):
+    """apply() passes the two halves of HF's fused [E, 2I, D] gate_up weight as views: the CPU
+    kernel reads them in place and gives exactly what it gives on contiguous copies."""
+    g = torch.Generator().manual_seed(6)
+    gu = (torch.randn(4, 2 * 48, 64, generator=g) * 0.2).to(dtype)
+    w2 = (torch.randn(4, 64, 48, generator=g) * 0.2).to(dtype)
+    x = torch.randn(30, 64, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(30)]).to(torch.int32)
+    w = torch.rand(30, 2, generator=g).to(dtype)
+    w1, w3 = gu[:, :48], gu[:, 48:]
+    assert not w1.is_contiguous()
+    with v4k.track_usage() as usage:
+        views = v4k.moe_experts(x, w, ids, w1, w3, w2, weight_after_w2=True, hf_rounding=True)
+    copies = v4k.moe_experts(x, w, ids, w1.contiguous(), w3.contiguous(), w2, weight_after_w2=True, hf_rounding=True)
+    assert usage == {("moe_experts", "cpu"): 1}
+    assert torch.equal(views, copies)
+    ref = v4k._registry.reference_kernel("moe_experts")(x, w.float(), ids, w1, None, w3, None, w2, None, 0.0, True,
+                                                        dtype, True)
+    if dtype == torch.float32:
+        assert (views - ref).abs().max().item() < 1e-5
+    else:  # the [HF] bf16 roundings natively: equal to the reference up to GEMM sum order
+        err = _ulps(views, ref)
+        assert err.median() == 0 and bool((err <= 2).all())
