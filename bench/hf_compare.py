@@ -75,6 +75,11 @@ def build(dtype: str):
 
 
 def worker(args: argparse.Namespace) -> dict:
+    limit = float(os.environ.get("V4K_BENCH_DATA_LIMIT_GB", "0"))
+    if limit > 0:
+        # a run that outgrows the memory that was free fails with MemoryError instead of
+        # pushing the (shared) machine into the OOM killer
+        resource.setrlimit(resource.RLIMIT_DATA, (int(limit * 2**30), int(limit * 2**30)))
     import torch
 
     torch.set_grad_enabled(False)
@@ -114,9 +119,12 @@ def worker(args: argparse.Namespace) -> dict:
 def run(side: str, mode: str, tokens: int, dtype: str = "fp32", steps: int = 0, chunk: int = 0, timeout: int = 3600) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--mode", mode, "--tokens", str(tokens),
            "--dtype", dtype, "--steps", str(steps), "--chunk", str(chunk)]
-    print(f"  running {side} {mode} {tokens} {dtype}" + (f" chunk {chunk}" if chunk else ""), flush=True)
+    avail = mem_available_gb()
+    print(f"  running {side} {mode} {tokens} {dtype}" + (f" chunk {chunk}" if chunk else "") +
+          f" ({avail:.1f} GB available)", flush=True)
+    env = dict(os.environ, V4K_BENCH_DATA_LIMIT_GB=f"{max(2.0, avail - 1.0):.2f}")
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"side": side, "mode": mode, "tokens": tokens, "dtype": dtype, "error": f"timeout {timeout}s"}
     if p.returncode != 0:
