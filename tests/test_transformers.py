@@ -403,7 +403,8 @@ def test_hf_variant_experts_bf16_sum():
     assert (_ulps(default, ref) > 0).float().mean() > (err_hf > 0).float().mean()
 
 
-def test_hf_variant_compressor_pooling():
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_hf_variant_compressor_pooling(backend):
     cfg = make_config()
     comp = M.DeepseekV4HCACompressor(cfg)
     g = torch.Generator().manual_seed(4)
@@ -421,9 +422,10 @@ def test_hf_variant_compressor_pooling():
     st = v4k.CompressorState.empty(2, 8, 32)
     args = (x, comp.kv_proj.weight, comp.gate_proj.weight, comp.position_bias, comp.kv_norm.weight,
             comp.rotary_emb.compress_inv_freq.float())
-    with torch.no_grad():
+    with torch.no_grad(), v4k.use_backend(backend, "compress_kv"), v4k.track_usage() as usage:
         out, n = v4k.compress_kv(*args, st, ratio=8, quant="none", hf_rounding=True)
         default, _ = v4k.compress_kv(*args, v4k.CompressorState.empty(2, 8, 32), ratio=8, quant="none")
+    assert usage == {("compress_kv", backend): 2}
     assert n.tolist() == [5, 5]
     err = _ulps(out, ref[:, 0])
     assert err.median() == 0 and bool((err <= 2).all())

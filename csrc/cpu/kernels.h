@@ -115,6 +115,7 @@ struct CompressArgs {
   const int64_t* n_tokens;  // [B]
   int quant;
   float eps;
+  bool hf_rounding;  // [HF]: projections, softmax weights, products and RoPE tables rounded to x dtype
   void* entries;  // [B, ceil(S/ratio), hd] x dtype
   int32_t* num_new;
   float *pkv_out, *psc_out, *vkv_out, *vsc_out;

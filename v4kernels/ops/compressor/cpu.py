@@ -23,9 +23,6 @@ def _compress_kv_refusals(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tenso
     n_tokens = args[7]
     if isinstance(n_tokens, torch.Tensor) and n_tokens.dtype != torch.int64:
         reasons.append(f"cpu compress_kv needs an int64 state counter, got {n_tokens.dtype}")
-    if args[-1] and x.dtype != torch.float32:
-        reasons.append(f"cpu compress_kv implements hf_rounding only for float32 x (where every rounding to x.dtype "
-                       f"is exact), got {x.dtype}")
     return reasons
 
 
