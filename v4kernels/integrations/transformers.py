@@ -368,15 +368,15 @@ def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     ``x.dtype`` — without torch's slow half-precision CPU GEMM: up to ``_LINEAR_STREAM_ROWS``
     rows (decode) ``grouped_linear`` with one group streams the half-precision weight once;
     more rows (prefill) run one fp32 GEMM on the weight converted for this call (a transient
-    fp32 copy of one layer's weight). fp32 layers keep torch's GEMM."""
+    fp32 copy of one layer's weight). fp32 layers and non-CPU devices keep torch's GEMM."""
     w = self.weight
-    if w.dtype == torch.float32 and x.dtype == torch.float32:
-        return torch.nn.functional.linear(x, w)
+    if (w.dtype == torch.float32 and x.dtype == torch.float32) or x.device.type != "cpu":
+        return torch.nn.functional.linear(x, w)  # accelerators: their own half-precision GEMM
     if x.dtype != w.dtype:
         raise TypeError(f"v4kernels linear: input dtype {x.dtype} != weight dtype {w.dtype} (HF would fail the same way)")
     lead = x.shape[:-1]
     rows = x.numel() // max(1, x.shape[-1])
-    if rows > _LINEAR_STREAM_ROWS and x.device.type == "cpu":
+    if rows > _LINEAR_STREAM_ROWS:
         return torch.nn.functional.linear(x.float(), w.float()).to(x.dtype)
     out = v4k.grouped_linear(x.reshape(1, -1, 1, x.shape[-1]), w.unsqueeze(0))
     return out.view(*lead, w.shape[0])
