@@ -5,7 +5,8 @@ q_lora 1024, 8 output groups x 1024, indexer 64 x 128, top-k 512, hc_mult 4, win
 ratio 4) with a small MoE (8 experts x 2048) and a small vocabulary, random weights. Every
 measurement runs in its own subprocess (fresh peak RSS):
 
-* prefill wall time and peak RSS above the loaded weights, at ``--prefill`` lengths (HF also at
+* prefill wall time and peak RSS above the loaded weights (measured after an 8-token warm-up
+  forward), at ``--prefill`` lengths (HF also at
   ``--hf-fit`` lengths for the memory fit); HF runs at a length only if ``MemAvailable`` covers
   its predicted peak (quadratic fit of the shorter runs) plus a margin, so it never drives the
   machine out of memory;
@@ -90,6 +91,8 @@ def worker(args: argparse.Namespace) -> dict:
         v4k_hf.apply(model)
     from transformers.cache_utils import DynamicCache
 
+    # one 8-token warm-up forward: lazy imports and first-call setup stay out of time and memory
+    model(torch.zeros(1, 8, dtype=torch.long), use_cache=False, logits_to_keep=1)
     base = _rss_gb()
     ids = torch.randint(0, 1024, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     out: dict = {"side": args.side, "dtype": args.dtype, "mode": args.mode, "tokens": args.tokens, "weights_rss_gb": base}
