@@ -125,7 +125,7 @@ def run(side: str, mode: str, tokens: int, dtype: str = "fp32", steps: int = 0, 
     avail = mem_available_gb()
     print(f"  running {side} {mode} {tokens} {dtype}" + (f" chunk {chunk}" if chunk else "") +
           f" ({avail:.1f} GB available)", flush=True)
-    env = dict(os.environ, V4K_BENCH_DATA_LIMIT_GB=f"{max(2.0, avail - 1.0):.2f}")
+    env = dict(os.environ, V4K_BENCH_DATA_LIMIT_GB=f"{max(2.0, avail - 0.5):.2f}")
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, nargs="*", default=[1024, 4096])
     ap.add_argument("--hf-fit", type=int, nargs="*", default=[512], help="extra HF-only lengths for the memory fit")
     ap.add_argument("--hf-prefill-max", type=int, default=4096, help="longest prompt HF eager is ever run at")
-    ap.add_argument("--hf-margin-gb", type=float, default=2.0, help="free memory kept beyond HF's predicted peak")
+    ap.add_argument("--hf-margin-gb", type=float, default=1.5, help="free memory kept beyond HF's predicted peak")
     ap.add_argument("--decode-prompt", type=int, default=2048)
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--long", type=int, default=65536, help="long v4kernels prompt (0 = skip)")
