@@ -6,7 +6,8 @@ bias, the mHC bases and the norm weights are randomised (HF initialises several 
 or one, which would hide wrong wiring). Prompt lengths 1 and 7 leave the compressor windows
 partial, 40 closes HCA windows (ratio 8) and 300 gives the indexer 75 candidates for top-4.
 A second model at V4-Flash attention widths (head_dim 512, rope 64, indexer 64 x 128,
-hc_mult 4) checks the same path at the real head sizes.
+hc_mult 4) checks the same path at the real head sizes; a bf16 copy checks that the bf16 [HF]
+variants run on the CPU kernels. Exact bf16 numerics are pinned op by op (``test_hf_variant_*``).
 
 Tolerance of the fp32 logit comparisons: both sides compute the same fp32 formula; they differ
 only in fp32 rounding order (GEMM blocking, the softmax and sum order, rsqrt applied before vs
@@ -174,6 +175,28 @@ def test_batch2_left_padding(model):
     assert (out_pf - ref_pf).abs().max().item() < TOL
     assert torch.equal(out.sequences, ref.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) < TOL
+
+
+def test_bf16_model_runs_on_the_cpu_kernels():
+    """A bf16 model: every op that has a CPU kernel runs on it (the [HF] bf16 variants included,
+    no fallback to the reference), and the logits stay at bf16 distance from HF eager (exact
+    bf16 numerics are pinned op by op below; end to end, GEMM sum order flips bf16 roundings,
+    ~1e-3 mean / ~3e-2 max on logits of magnitude ~0.6)."""
+    m = make_model(3).to(torch.bfloat16)
+    ids = tokens(40, 41)
+    ref = logits(m, ids, use_cache=False)
+    v4k_hf.apply(m)
+    try:
+        with v4k.track_usage() as usage:
+            out = logits(m, ids, use_cache=False)
+    finally:
+        v4k_hf.remove(m)
+    for op in ("sparse_attn", "compress_kv", "indexer_topk", "moe_experts", "grouped_linear", "hc_pre"):
+        assert usage.get((op, "cpu"), 0) > 0, (op, usage)
+    for op, backend in usage:
+        assert backend == "cpu" or v4k.available_backends(op)["cpu"], (op, backend)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().mean().item() < 1e-2
 
 
 # ----------------------------------------------------------------------------- V4-Flash widths
