@@ -5,16 +5,23 @@ q_lora 1024, 8 output groups x 1024, indexer 64 x 128, top-k 512, hc_mult 4, win
 ratio 4) with a small MoE (8 experts x 2048) and a small vocabulary, random weights. Every
 measurement runs in its own subprocess (fresh peak RSS):
 
-* prefill wall time and peak RSS above the loaded weights, at ``--prefill`` lengths;
+* prefill wall time and peak RSS above the loaded weights (measured after an 8-token warm-up
+  forward), at ``--prefill`` lengths (HF also at
+  ``--hf-fit`` lengths for the memory fit); HF runs at a length only if ``MemAvailable`` covers
+  its predicted peak (quadratic fit of the shorter runs) plus a margin, so it never drives the
+  machine out of memory;
 * decode tokens/s for ``--decode-steps`` greedy steps after a ``--decode-prompt`` prompt;
+* v4kernels bf16 vs fp32 prefill at ``--bf16`` tokens;
 * the longest prompt v4kernels pushes through the layer (``--long``, chunked prefill through the
   cache); HF's limit in ``--budget-gb`` is *estimated* from its measured memory growth
   (quadratic fit of peak-above-weights vs prompt length), never run.
 
     nice python bench/hf_compare.py                       # full run (slow on a small CPU)
-    nice python bench/hf_compare.py --prefill 1024 --long 0 --decode-steps 8   # quick look
+    nice python bench/hf_compare.py --prefill 1024 --long 0 --decode-steps 8 --bf16 0   # quick look
 
-Prints a markdown table; ``--json PATH`` also writes the raw numbers.
+Prints a markdown table with the targets (>= 5x faster than HF fp32 prefill at the longest
+length both ran, <= 1/10 of HF's peak memory above weights, bf16 no slower than fp32, a 64K
+prompt through one CSA layer); ``--json PATH`` also writes the raw numbers.
 """
 from __future__ import annotations
 
@@ -69,6 +76,11 @@ def build(dtype: str):
 
 
 def worker(args: argparse.Namespace) -> dict:
+    limit = float(os.environ.get("V4K_BENCH_DATA_LIMIT_GB", "0"))
+    if limit > 0:
+        # a run that outgrows the memory that was free fails with MemoryError instead of
+        # pushing the (shared) machine into the OOM killer
+        resource.setrlimit(resource.RLIMIT_DATA, (int(limit * 2**30), int(limit * 2**30)))
     import torch
 
     torch.set_grad_enabled(False)
@@ -79,6 +91,8 @@ def worker(args: argparse.Namespace) -> dict:
         v4k_hf.apply(model)
     from transformers.cache_utils import DynamicCache
 
+    # one 8-token warm-up forward: lazy imports and first-call setup stay out of time and memory
+    model(torch.zeros(1, 8, dtype=torch.long), use_cache=False, logits_to_keep=1)
     base = _rss_gb()
     ids = torch.randint(0, 1024, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     out: dict = {"side": args.side, "dtype": args.dtype, "mode": args.mode, "tokens": args.tokens, "weights_rss_gb": base}
@@ -108,20 +122,32 @@ def worker(args: argparse.Namespace) -> dict:
 def run(side: str, mode: str, tokens: int, dtype: str = "fp32", steps: int = 0, chunk: int = 0, timeout: int = 3600) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--mode", mode, "--tokens", str(tokens),
            "--dtype", dtype, "--steps", str(steps), "--chunk", str(chunk)]
+    avail = mem_available_gb()
+    print(f"  running {side} {mode} {tokens} {dtype}" + (f" chunk {chunk}" if chunk else "") +
+          f" ({avail:.1f} GB available)", flush=True)
+    env = dict(os.environ, V4K_BENCH_DATA_LIMIT_GB=f"{max(2.0, avail - 0.5):.2f}")
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"side": side, "mode": mode, "tokens": tokens, "dtype": dtype, "error": f"timeout {timeout}s"}
     if p.returncode != 0:
-        return {"side": side, "mode": mode, "tokens": tokens, "dtype": dtype, "error": p.stderr.strip().splitlines()[-1:]}
+        err = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        return {"side": side, "mode": mode, "tokens": tokens, "dtype": dtype, "error": err}
     r = json.loads(p.stdout.strip().splitlines()[-1])
     print("  ", json.dumps(r), flush=True)
     return r
 
 
-def hf_limit(points: list[tuple[int, float]], budget: float) -> float | None:
-    """Prompt length at which HF's peak-above-weights reaches ``budget`` GB, from a fit
-    ``a·S² + b·S`` through the measured points (least squares)."""
+def mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares ``a·S² + b·S`` through (prompt length, GB above weights) points."""
     if len(points) < 2:
         return None
     import numpy as np
@@ -129,8 +155,15 @@ def hf_limit(points: list[tuple[int, float]], budget: float) -> float | None:
     s = np.array([p[0] for p in points], dtype=float)
     m = np.array([p[1] for p in points], dtype=float)
     (a, b), *_ = np.linalg.lstsq(np.stack([s * s, s], 1), m, rcond=None)
-    if a <= 0:
+    return float(a), float(b)
+
+
+def hf_limit(points: list[tuple[int, float]], budget: float) -> float | None:
+    """Prompt length at which HF's peak-above-weights reaches ``budget`` GB (from :func:`fit`)."""
+    ab = fit(points)
+    if ab is None or ab[0] <= 0:
         return None
+    a, b = ab
     return float((-b + (b * b + 4 * a * budget) ** 0.5) / (2 * a))
 
 
@@ -143,7 +176,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=0)
     ap.add_argument("--prefill", type=int, nargs="*", default=[1024, 4096])
-    ap.add_argument("--hf-prefill-max", type=int, default=4096, help="longest prompt HF eager is actually run at")
+    ap.add_argument("--hf-fit", type=int, nargs="*", default=[512], help="extra HF-only lengths for the memory fit")
+    ap.add_argument("--hf-prefill-max", type=int, default=4096, help="longest prompt HF eager is ever run at")
+    ap.add_argument("--hf-margin-gb", type=float, default=1.5, help="free memory kept beyond HF's predicted peak")
     ap.add_argument("--decode-prompt", type=int, default=2048)
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--long", type=int, default=65536, help="long v4kernels prompt (0 = skip)")
@@ -156,51 +191,95 @@ def main() -> None:
         a.side = a.worker
         print(json.dumps(worker(a)))
         return
+    t_start = time.time()
+    load = os.getloadavg()
+    hf_pts: list[tuple[int, float]] = []
+    weights = [0.0]
+
+    def run_hf(n: int) -> dict:
+        if n > a.hf_prefill_max:
+            return {"error": f"not run (> --hf-prefill-max {a.hf_prefill_max})"}
+        ab = fit(hf_pts)
+        if ab is not None:
+            need = ab[0] * n * n + ab[1] * n + weights[0] + a.hf_margin_gb
+            avail = mem_available_gb()
+            if need > avail:
+                return {"error": f"not run: predicted peak {need - a.hf_margin_gb:.1f} GB, {avail:.1f} GB available"}
+        r = run("hf", "prefill", n)
+        if "peak_above_weights_gb" in r:
+            hf_pts.append((n, r["peak_above_weights_gb"]))
+            weights[0] = r["weights_rss_gb"]
+        return r
+
+    for n in a.hf_fit:
+        run_hf(n)
     rows = []
     for n in a.prefill:
         v = run("v4k", "prefill", n)
-        h = run("hf", "prefill", n) if n <= a.hf_prefill_max else {"error": "not run"}
-        rows.append(("prefill", n, h, v))
-    dv = run("v4k", "decode", a.decode_prompt, steps=a.decode_steps)
-    dh = run("hf", "decode", a.decode_prompt, steps=a.decode_steps)
-    extra = {}
+        h = run_hf(n)
+        rows.append((n, h, v))
+    dv = run("v4k", "decode", a.decode_prompt, steps=a.decode_steps) if a.decode_steps else {"error": "not run"}
+    dh = run("hf", "decode", a.decode_prompt, steps=a.decode_steps) if a.decode_steps else {"error": "not run"}
+    extra: dict = {}
     if a.bf16:
         extra["bf16"] = run("v4k", "prefill", a.bf16, dtype="bf16")
+        extra["bf16_fp32"] = next((v for n, _, v in rows if n == a.bf16), None) or run("v4k", "prefill", a.bf16)
     if a.long:
         extra["long"] = run("v4k", "prefill", a.long, chunk=a.long_chunk, timeout=7200)
-    pts = [(n, h["peak_above_weights_gb"]) for _, n, h, _ in rows if "peak_above_weights_gb" in h]
-    weights = next((h["weights_rss_gb"] for _, _, h, _ in rows if "weights_rss_gb" in h), 0.0)
-    est = hf_limit(pts, a.budget_gb - weights)
+    est = hf_limit(hf_pts, a.budget_gb - weights[0])
 
-    def f(r: dict, k: str, fmt: str = "{:.2f}") -> str:
-        return fmt.format(r[k]) if k in r else r.get("error", "-") if isinstance(r.get("error"), str) else "err"
+    def f(r: dict | None, k: str, fmt: str = "{:.2f}") -> str:
+        if r is None:
+            return "-"
+        return fmt.format(r[k]) if k in r else str(r.get("error", "-"))
 
-    print("\n| measurement | HF eager fp32 | v4kernels fp32 | ratio |")
-    print("|---|---|---|---|")
-    for _, n, h, v in rows:
-        ratio = f"{h['seconds'] / v['seconds']:.1f}x faster" if "seconds" in h and "seconds" in v else "-"
-        print(f"| prefill {n} tokens, s | {f(h, 'seconds')} | {f(v, 'seconds')} | {ratio} |")
-        mr = (f"{v['peak_above_weights_gb'] / h['peak_above_weights_gb']:.3f} of HF"
-              if "peak_above_weights_gb" in h and "peak_above_weights_gb" in v and h["peak_above_weights_gb"] > 0 else "-")
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("met" if ok else "MISSED")
+
+    print(f"\nmachine: {os.cpu_count()} CPUs, load average at start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
+          f"at end {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t_start))}; "
+          f"total {time.time() - t_start:.0f} s")
+    print("\n| measurement | HF eager fp32 | v4kernels fp32 | ratio | target |")
+    print("|---|---|---|---|---|")
+    both = [(n, h, v) for n, h, v in rows if "seconds" in h and "seconds" in v]
+    for n, h, v in rows:
+        sp = h["seconds"] / v["seconds"] if "seconds" in h and "seconds" in v else None
+        tgt = f">= 5x: {verdict(sp >= 5)}" if sp is not None and both and n == both[-1][0] else ""
+        print(f"| prefill {n} tokens, s | {f(h, 'seconds')} | {f(v, 'seconds')} | "
+              f"{'-' if sp is None else f'{sp:.2f}x faster'} | {tgt} |")
+        hm, vm = h.get("peak_above_weights_gb"), v.get("peak_above_weights_gb")
+        mr = vm / hm if hm and vm is not None and hm > 0 else None
         print(f"| prefill {n}: peak RSS above weights, GB | {f(h, 'peak_above_weights_gb')} | "
-              f"{f(v, 'peak_above_weights_gb')} | {mr} |")
-    ratio = f"{dv['tokens_per_s'] / dh['tokens_per_s']:.1f}x" if "tokens_per_s" in dv and "tokens_per_s" in dh else "-"
-    print(f"| decode after {a.decode_prompt}, tokens/s ({a.decode_steps} steps) | {f(dh, 'tokens_per_s')} | "
-          f"{f(dv, 'tokens_per_s')} | {ratio} |")
+              f"{f(v, 'peak_above_weights_gb')} | {'-' if mr is None else f'{mr:.3f} of HF'} | "
+              f"{'-' if mr is None else f'<= 0.1: {verdict(mr <= 0.1)}'} |")
+    for n in a.hf_fit:
+        r = next((r for r in [dict(zip(('n', 'g'), p)) for p in hf_pts] if r["n"] == n), None)
+        if r:
+            print(f"| HF prefill {n} (for the memory fit): peak RSS above weights, GB | {r['g']:.2f} | - | - | - |")
+    ratio = dv["tokens_per_s"] / dh["tokens_per_s"] if "tokens_per_s" in dv and "tokens_per_s" in dh else None
+    if a.decode_steps:
+        print(f"| decode after {a.decode_prompt}, tokens/s ({a.decode_steps} steps) | {f(dh, 'tokens_per_s')} | "
+              f"{f(dv, 'tokens_per_s')} | {'-' if ratio is None else f'{ratio:.2f}x'} | - |")
     if "bf16" in extra:
-        b = extra["bf16"]
-        v1 = next((v for _, n, _, v in rows if n == a.bf16), None)
-        cmp = f"{b['seconds'] / v1['seconds']:.2f}x the fp32 time" if v1 and "seconds" in b and "seconds" in v1 else "-"
-        print(f"| v4kernels bf16 prefill {a.bf16}, s | - | {f(b, 'seconds')} | {cmp} |")
+        b, b32 = extra["bf16"], extra["bf16_fp32"]
+        r = b["seconds"] / b32["seconds"] if "seconds" in b and b32 and "seconds" in b32 else None
+        print(f"| v4kernels prefill {a.bf16}: bf16 s (fp32 s) | - | {f(b, 'seconds')} ({f(b32, 'seconds')}) | "
+              f"{'-' if r is None else f'bf16 = {r:.2f}x the fp32 time'} | "
+              f"{'-' if r is None else f'<= 1x: {verdict(r <= 1.0)}'} |")
     if "long" in extra:
         lg = extra["long"]
-        print(f"| longest prompt run, tokens (chunks of {a.long_chunk}) | - | {a.long} in {f(lg, 'seconds', '{:.0f}')} s, "
-              f"peak RSS {f(lg, 'peak_rss_gb')} GB | - |")
+        ok = "seconds" in lg
+        print(f"| longest prompt run through the layer, tokens | - | {a.long} (chunks of {a.long_chunk}): "
+              f"{f(lg, 'seconds', '{:.0f}')} s, peak RSS above weights {f(lg, 'peak_above_weights_gb')} GB | - | "
+              f"64K: {verdict(ok and a.long >= 65536)} |")
     if est is not None:
-        print(f"| HF eager prompt limit in {a.budget_gb:.0f} GB (estimated from the fit, not run) | ~{est:.0f} | - | - |")
+        print(f"| longest prompt in {a.budget_gb:.0f} GB, tokens | ~{est:.0f} (estimated from the a·S²+b·S fit of "
+              f"{len(hf_pts)} measured points, not run) | {a.long if 'seconds' in extra.get('long', {}) else '-'} "
+              f"(run) | - | - |")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"rows": rows, "decode": [dh, dv], **extra, "hf_limit_estimate": est}, fh, indent=1)
+            json.dump({"rows": rows, "decode": [dh, dv], **extra, "hf_points": hf_pts, "hf_limit_estimate": est,
+                       "load": load}, fh, indent=1)
 
 
 if __name__ == "__main__":

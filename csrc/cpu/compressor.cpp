@@ -44,7 +44,11 @@ void finish_entry(float* c, const CompressArgs& a, int64_t position) {
   const float pf = static_cast<float>(position);
   for (int64_t i = 0; i < a.nfreq; ++i) {
     const float ang = pf * a.freqs[i];
-    const float cs = std::cos(ang), sn = std::sin(ang);
+    float cs = std::cos(ang), sn = std::sin(ang);
+    if (a.hf_rounding) {  // [HF]: the cos/sin tables are cast to the model dtype first
+      round_through(&cs, dt, 1);
+      round_through(&sn, dt, 1);
+    }
     const float x0 = rp[2 * i], x1 = rp[2 * i + 1];
     rp[2 * i] = x0 * cs - x1 * sn;
     rp[2 * i + 1] = x0 * sn + x1 * cs;
@@ -78,6 +82,8 @@ void compress_kv(const CompressArgs& a) {
   for (int64_t t = 0; t < B * S; ++t) load_row(static_cast<const char*>(a.x) + t * D * xes, a.x_dtype, xf.data() + t * D, D);
   const GemmJob jobs[2] = {{xf.data(), B * S, D, a.wkv, 0, proj.data(), W2}, {xf.data(), B * S, D, a.wgate, 0, proj.data() + W, W2}};
   gemm_panels(jobs, 2);
+  // [HF]: the kv / gate projections are nn.Linear outputs in the model dtype (before the bias)
+  if (a.hf_rounding) round_through(proj.data(), a.x_dtype, B * S * W2);
   std::vector<int64_t> nwin(B), first(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n0 = a.n_tokens[b], k = n0 % m;
@@ -138,8 +144,22 @@ void compress_kv(const CompressArgs& a) {
       for (int s = 0; s < ns; ++s)
         for (int64_t d = 0; d < hd; ++d) den[d] += std::exp(scs[s][d] - mx[d]);
       std::fill(c.begin(), c.end(), 0.f);
-      for (int s = 0; s < ns; ++s)
-        for (int64_t d = 0; d < hd; ++d) c[d] += kvs[s][d] * (std::exp(scs[s][d] - mx[d]) / den[d]);
+      if (a.hf_rounding) {
+        // [HF] pooling: Σ dtype(dtype(kv) · dtype(softmax_fp32)), summed in fp32 (rounded in finish_entry)
+        const int dt = a.x_dtype;
+        for (int s = 0; s < ns; ++s)
+          for (int64_t d = 0; d < hd; ++d) {
+            float p = std::exp(scs[s][d] - mx[d]) / den[d], kv = kvs[s][d];
+            round_through(&p, dt, 1);
+            round_through(&kv, dt, 1);
+            float prod = kv * p;
+            round_through(&prod, dt, 1);
+            c[d] += prod;
+          }
+      } else {
+        for (int s = 0; s < ns; ++s)
+          for (int64_t d = 0; d < hd; ++d) c[d] += kvs[s][d] * (std::exp(scs[s][d] - mx[d]) / den[d]);
+      }
       finish_entry(c.data(), a, j * m);
       store_row(c.data(), a.x_dtype, static_cast<char*>(a.entries) + ((b * R + w) * hd) * xes, hd);
     }

@@ -19,9 +19,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
     const Tensor& prev_score, const Tensor& n_tokens, int64_t ratio, c10::string_view quant, double eps,
     bool hf_rounding) {
   const char* op = "compress_kv";
-  // the [HF] roundings to x.dtype are exact for fp32 x, where they equal the default computation
-  TORCH_CHECK(!hf_rounding || x.scalar_type() == at::kFloat,
-              "v4k_cpu::compress_kv: hf_rounding is implemented for float32 x only, got ", x.scalar_type());
   for (auto* p : {&x, &wkv, &wgate, &ape, &norm_weight, &freqs, &pending_kv, &pending_score, &prev_kv, &prev_score,
                   &n_tokens})
     check_cpu(*p, op, "inputs");
@@ -71,6 +68,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> compress_kv(
   a.x_dtype = xd;
   a.B = B, a.S = S, a.D = D, a.hd = hd, a.ratio = ratio, a.nfreq = nf;
   a.overlap = overlap;
+  a.hf_rounding = hf_rounding;  // exact no-ops for fp32 x, where [HF] equals the default
   a.wkv = {wk.data_ptr(), nullptr, float_code(wk, op, "wkv"), W, D};
   a.wgate = {wg.data_ptr(), nullptr, float_code(wg, op, "wgate"), W, D};
   a.ape = apef.data_ptr<float>();

@@ -34,7 +34,8 @@ void decode_weight_row(const WeightView& w, int64_t e, int64_t n, float* dst) {
     decode_fp4_row(static_cast<const uint8_t*>(w.data) + (e * R + n) * (K / 2), w.scales + (e * R + n) * (K / 32), K,
                    dst);
   } else {
-    load_row(static_cast<const char*>(w.data) + (e * R + n) * K * elem_size(w.kind), w.kind, dst, K);
+    const int64_t es = w.expert_stride ? w.expert_stride : R * K;
+    load_row(static_cast<const char*>(w.data) + (e * es + n * K) * elem_size(w.kind), w.kind, dst, K);
   }
 }
 

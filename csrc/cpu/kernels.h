@@ -55,6 +55,10 @@ struct WeightView {
   const float* scales;
   int kind;
   int64_t rows, cols;
+  // float kinds: elements from one expert's matrix to the next (0 = rows·cols); lets a
+  // [E, rows, cols] view with row-contiguous experts (e.g. one half of a fused gate_up weight)
+  // be read in place
+  int64_t expert_stride = 0;
 };
 
 void decode_weight_row(const WeightView& w, int64_t e, int64_t n, float* dst);
@@ -90,7 +94,8 @@ void grouped_linear(const void* x, int x_dtype, const void* w, int w_dtype, int6
 // weight goes through the FP8 act_quant roundtrip (block 128, pow2 scales) first.
 void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t* topk_ids, int64_t T, int64_t D,
                  int64_t k, const WeightView& w1, const WeightView& w3, const WeightView& w2, int64_t E, int64_t I,
-                 float swiglu_limit, bool weight_after_w2, float* out);
+                 float swiglu_limit, bool weight_after_w2, float* out, bool hf_rounding,
+                 int out_dtype);
 
 // compress_kv (SPEC §6). quant: 0 none, 1 fp8 (block 64 on the nope dims), 2 fp4 (Hadamard +
 // block 32). Inputs are contiguous; the state tensors are read from *_in and written to *_out.
@@ -110,6 +115,7 @@ struct CompressArgs {
   const int64_t* n_tokens;  // [B]
   int quant;
   float eps;
+  bool hf_rounding;  // [HF]: projections, softmax weights, products and RoPE tables rounded to x dtype
   void* entries;  // [B, ceil(S/ratio), hd] x dtype
   int32_t* num_new;
   float *pkv_out, *psc_out, *vkv_out, *vsc_out;

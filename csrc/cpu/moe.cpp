@@ -41,7 +41,7 @@ void run_gemms(const std::vector<GemmJob>& jobs) {
 
 void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t* topk_ids, int64_t T, int64_t D,
                  int64_t k, const WeightView& w1, const WeightView& w3, const WeightView& w2, int64_t E, int64_t I,
-                 float swiglu_limit, bool weight_after_w2, float* out) {
+                 float swiglu_limit, bool weight_after_w2, float* out, bool hf_rounding, int out_dtype) {
   // counting sort of the valid pairs by expert (stable: flat index order inside a segment)
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t p = 0; p < T * k; ++p)
@@ -107,8 +107,15 @@ void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t*
           gv = std::min(gv, swiglu_limit);
           uv = std::min(std::max(uv, -swiglu_limit), swiglu_limit);
         }
-        float h = gv / (1.0f + std::exp(-gv)) * uv;
-        if (!weight_after_w2) h *= wt;  // [OFF]: the weight passes through w2's quantiser
+        float h;
+        if (hf_rounding) {  // [HF]: silu(g) and its product with u each rounded to x.dtype
+          float sg = gv / (1.0f + std::exp(-gv));
+          round_through(&sg, x_dtype, 1);
+          h = sg * uv;
+        } else {
+          h = gv / (1.0f + std::exp(-gv)) * uv;
+          if (!weight_after_w2) h *= wt;  // [OFF]: the weight passes through w2's quantiser
+        }
         gr[j] = h;
       }
       round_through(gr, x_dtype, I);
@@ -119,7 +126,12 @@ void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t*
     for (int64_t i = 0; i < n; ++i) {
       float* y = ys.data() + (r0 + i) * D;
       round_through(y, x_dtype, D);
-      if (weight_after_w2) {
+      if (hf_rounding) {  // [HF]: times the routing weight in x.dtype, rounded to x.dtype
+        float wt = topk_w[pair[r0 + i]];
+        round_through(&wt, x_dtype, 1);
+        for (int64_t d = 0; d < D; ++d) y[d] *= wt;
+        round_through(y, x_dtype, D);
+      } else if (weight_after_w2) {
         const float wt = topk_w[pair[r0 + i]];
         for (int64_t d = 0; d < D; ++d) y[d] *= wt;
       }
@@ -138,6 +150,8 @@ void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t*
     for (int i = 0; i < nr; ++i) {
       const float* y = ys.data() + rs[i] * D;
       for (int64_t d = 0; d < D; ++d) o[d] += y[d];
+      // [HF]: the running sum is kept in the output dtype (a bf16 model sums its experts in bf16)
+      if (hf_rounding) round_through(o, out_dtype, D);
     }
   }
 }

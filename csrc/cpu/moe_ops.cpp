@@ -41,8 +41,12 @@ OwnedWeight expert_weight(const Tensor& w, const c10::optional<Tensor>& w_s, con
     o.scales = scales_f32(*w_s);
     o.view = {o.data.data_ptr(), o.scales.data_ptr<float>(), v4k_cpu::W_FP4, R, C};
   } else {
-    o.data = w.contiguous();
-    o.view = {o.data.data_ptr(), nullptr, float_code(w, "moe_experts", name), R, w.size(2)};
+    // float experts are read in place when each expert's [rows, cols] matrix is row-contiguous
+    const int64_t C = w.size(2);
+    const bool rows_contiguous = (w.stride(2) == 1 || C <= 1) && (w.stride(1) == C || R <= 1) && w.stride(0) >= R * C;
+    o.data = rows_contiguous ? w : w.contiguous();
+    o.view = {o.data.data_ptr(), nullptr, float_code(w, "moe_experts", name), R, C};
+    o.view.expert_stride = rows_contiguous ? w.stride(0) : 0;
   }
   return o;
 }
@@ -51,9 +55,10 @@ Tensor moe_experts(const Tensor& x, const Tensor& topk_weights, const Tensor& to
                    const c10::optional<Tensor>& w1_s, const Tensor& w3, const c10::optional<Tensor>& w3_s,
                    const Tensor& w2, const c10::optional<Tensor>& w2_s, double swiglu_limit, bool weight_after_w2,
                    at::ScalarType out_dtype, bool hf_rounding) {
-  // the [HF] roundings are exact for fp32 activations and output, where they equal the default
-  TORCH_CHECK(!hf_rounding || (x.scalar_type() == at::kFloat && out_dtype == at::kFloat),
-              "v4k_cpu::moe_experts: hf_rounding is implemented for float32 x and output only");
+  // [HF] roundings: to x.dtype inside the FFN, running sum over experts in out_dtype
+  TORCH_CHECK(!hf_rounding || out_dtype == at::kFloat || out_dtype == x.scalar_type(),
+              "v4k_cpu::moe_experts: hf_rounding needs out_dtype float32 or x.dtype, got ", out_dtype, " for x ",
+              x.scalar_type());
   for (auto* p : {&x, &topk_weights, &topk_ids}) check_cpu(*p, "moe_experts", "inputs");
   TORCH_CHECK(x.dim() == 2, "v4k_cpu::moe_experts: x must be [T, D], got ", x.sizes());
   const int64_t T = x.size(0), D = x.size(1);
@@ -84,7 +89,8 @@ Tensor moe_experts(const Tensor& x, const Tensor& topk_weights, const Tensor& to
   }
   if (I == 0) return out.zero_().to(out_dtype);
   v4k_cpu::moe_experts(xc.data_ptr(), xd, wc.data_ptr<float>(), ic.data_ptr<int32_t>(), T, D, k, o1.view, o3.view,
-                       o2.view, E, I, static_cast<float>(swiglu_limit), weight_after_w2, out.data_ptr<float>());
+                       o2.view, E, I, static_cast<float>(swiglu_limit), weight_after_w2, out.data_ptr<float>(),
+                       hf_rounding, out_dtype == at::kFloat ? static_cast<int>(v4k::F32) : xd);
   return out_dtype == at::kFloat ? out : out.to(out_dtype);
 }
 

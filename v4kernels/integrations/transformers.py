@@ -56,6 +56,10 @@ TRANSFORMERS_VERSION_CHECKED = "5.23.0"
 
 _CSA, _HCA, _SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
 _IMPL = "v4kernels"
+#: queries per chunk of the attention's per-head work (q projection, norm, rope, sparse_attn, output)
+_Q_CHUNK = 1024
+#: half-precision linears with at most this many rows stream their weight (grouped_linear)
+_LINEAR_STREAM_ROWS = 64
 #: per-forward-call context set by the model wrapper: {"pad": [B, L] bool or None}
 _CALL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("v4k_hf_call", default=None)
 
@@ -274,9 +278,6 @@ def _attention_forward(
     freqs = _freqs(rot, self.rope_layer_type)
 
     q_res = self.q_a_norm(self.q_a_proj(hidden_states))
-    q = self.q_b_proj(q_res).view(b, s, h, hd)
-    q = v4k.rms_norm(q, None, eps, hf_rounding=True)
-    q = v4k.apply_rope(q, pos, freqs, round_tables=True)
     kv = self.kv_norm(self.kv_proj(hidden_states))
     kv = v4k.apply_rope(kv, pos, freqs, round_tables=True)
 
@@ -322,13 +323,26 @@ def _attention_forward(
         elif self.layer_type == _CSA:
             # HF still runs the indexer's compressor (its state advances) when no entry exists yet
             _compress(comp.indexer, hidden_states, comp.indexer.rotary_emb, cache_layer, "indexer", ratio, eps)
-    kvbuf = kvbuf.to(q.dtype).contiguous()
-    o = v4k.sparse_attn(q, kvbuf, self.sinks.float(), idx, self.scaling)
-    o = v4k.apply_rope(o, pos, freqs, inverse=True, round_tables=True)
+    kvbuf = kvbuf.to(q_res.dtype).contiguous()
+    sinks = self.sinks.float()
     g = cfg.o_groups
     wa = self.o_a_proj.weight
-    o = v4k.grouped_linear(o.reshape(b, s, g, -1), wa.view(g, -1, wa.shape[-1])).flatten(2)
-    return self.o_b_proj(o), None
+    wa = wa.view(g, -1, wa.shape[-1])
+    # Queries are independent once the KV buffer and their index lists exist: the per-head
+    # tensors ([.., H, hd] — q, its norm and rope, the attention output) live one chunk of
+    # queries at a time, so a long prefill holds O(chunk·H·hd) of them, not O(S·H·hd).
+    outs = []
+    for c0 in range(0, s, _Q_CHUNK):
+        c1 = min(s, c0 + _Q_CHUNK)
+        q = self.q_b_proj(q_res[:, c0:c1]).view(b, c1 - c0, h, hd)
+        q = v4k.rms_norm(q, None, eps, hf_rounding=True)
+        q = v4k.apply_rope(q, pos[:, c0:c1], freqs, round_tables=True)
+        o = v4k.sparse_attn(q, kvbuf, sinks, idx[:, c0:c1], self.scaling)
+        del q
+        o = v4k.apply_rope(o, pos[:, c0:c1], freqs, inverse=True, round_tables=True)
+        o = v4k.grouped_linear(o.reshape(b, c1 - c0, g, -1), wa).flatten(2)
+        outs.append(self.o_b_proj(o))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
 
 
 def _decoder_layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None,
@@ -347,6 +361,25 @@ def _decoder_layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, i
 
 def _hyper_head_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return v4k.hc_head(x, self.hc_fn.float(), self.hc_scale.float(), self.hc_base.float(), self.input_norm.eps, self.eps)
+
+
+def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A bias-free bf16/fp16 ``nn.Linear`` as HF computes it — fp32 accumulation, one rounding to
+    ``x.dtype`` — without torch's slow half-precision CPU GEMM: up to ``_LINEAR_STREAM_ROWS``
+    rows (decode) ``grouped_linear`` with one group streams the half-precision weight once;
+    more rows (prefill) run one fp32 GEMM on the weight converted for this call (a transient
+    fp32 copy of one layer's weight). fp32 layers and non-CPU devices keep torch's GEMM."""
+    w = self.weight
+    if (w.dtype == torch.float32 and x.dtype == torch.float32) or x.device.type != "cpu":
+        return torch.nn.functional.linear(x, w)  # accelerators: their own half-precision GEMM
+    if x.dtype != w.dtype:
+        raise TypeError(f"v4kernels linear: input dtype {x.dtype} != weight dtype {w.dtype} (HF would fail the same way)")
+    lead = x.shape[:-1]
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > _LINEAR_STREAM_ROWS:
+        return torch.nn.functional.linear(x.float(), w.float()).to(x.dtype)
+    out = v4k.grouped_linear(x.reshape(1, -1, 1, x.shape[-1]), w.unsqueeze(0))
+    return out.view(*lead, w.shape[0])
 
 
 def _rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -383,15 +416,11 @@ def _experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_i
     :func:`apply` prepared, HF's eager experts on any other model sharing the config."""
     if not self.__dict__.get("_v4k_experts"):
         return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+    # HF fuses gate and up as [E, 2I, D]: the halves are passed as views (each expert's rows stay
+    # contiguous), which the CPU kernel reads in place — no copy of the expert weights
     gu = self.gate_up_proj
-    key = (gu.data_ptr(), gu._version, gu.dtype, gu.device)
-    cached = self.__dict__.get("_v4k_w13")
-    if cached is None or cached[0] != key:
-        inter = gu.shape[1] // 2
-        with torch.no_grad():
-            cached = (key, gu[:, :inter].detach().contiguous(), gu[:, inter:].detach().contiguous())
-        self.__dict__["_v4k_w13"] = cached
-    _, w1, w3 = cached
+    inter = gu.shape[1] // 2
+    w1, w3 = gu[:, :inter], gu[:, inter:]
     return v4k.moe_experts(
         hidden_states, top_k_weights, top_k_index, w1, w3, self.down_proj, swiglu_limit=float(self.limit),
         weight_after_w2=True, out_dtype=hidden_states.dtype, hf_rounding=True,
@@ -445,7 +474,7 @@ def is_applied(model: torch.nn.Module) -> bool:
 
 
 def apply(model: torch.nn.Module, *, attention: bool = True, mhc: bool = True, moe: bool = True,
-          norm: bool = True) -> torch.nn.Module:
+          norm: bool = True, linear: bool = True) -> torch.nn.Module:
     """Run ``model`` (a transformers ``DeepseekV4ForCausalLM`` / ``DeepseekV4Model``) on v4kernels.
 
     Binds v4kernels forwards on this model's module instances (the classes and other models are
@@ -460,6 +489,10 @@ def apply(model: torch.nn.Module, *, attention: bool = True, mhc: bool = True, m
     moe : both routers (``moe_gate``) and the routed experts (``moe_experts`` via
         ``ExpertsInterface`` + ``model.set_experts_implementation("v4kernels")``)
     norm : every RMSNorm (weighted and unweighted)
+    linear : the model's plain bias-free ``nn.Linear`` layers (q/kv/o projections, indexer,
+        shared expert, ``lm_head``) when their weights are bf16/fp16: fp32 accumulation and one
+        rounding (as HF) without torch's slow half-precision CPU GEMM (``grouped_linear`` at
+        decode, one fp32 GEMM per call at prefill); fp32 layers keep torch's GEMM
 
     Raises
     ------
@@ -491,9 +524,11 @@ def apply(model: torch.nn.Module, *, attention: bool = True, mhc: bool = True, m
             _bind(m, _hash_router_forward, "moe")
         elif moe and isinstance(m, M.DeepseekV4Experts):
             m.__dict__["_v4k_experts"] = True
+        elif linear and type(m) is torch.nn.Linear and m.bias is None:
+            _bind(m, _linear_forward, "linear")
     if attention:
         _bind(base, _model_forward, "attention")
-    state: dict[str, Any] = {"attention": attention, "mhc": mhc, "moe": moe, "norm": norm}
+    state: dict[str, Any] = {"attention": attention, "mhc": mhc, "moe": moe, "norm": norm, "linear": linear}
     if moe:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -517,7 +552,7 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     for m in model.modules():
         if m.__dict__.pop("_v4k_bound", None) is not None:
             m.__dict__.pop("forward", None)
-        for k in ("_v4k_rot", "_v4k_experts", "_v4k_w13"):
+        for k in ("_v4k_rot", "_v4k_experts"):
             m.__dict__.pop(k, None)
     if "experts_impl" in state:
         prev = state["experts_impl"]

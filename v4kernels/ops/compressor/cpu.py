@@ -18,12 +18,8 @@ _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _compress_kv_refusals(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, *args: object) -> list[str]:
-    reasons = [f"cpu compress_kv needs float32/bfloat16/float16 {n}, got {t.dtype}"
+    return [f"cpu compress_kv needs float32/bfloat16/float16 {n}, got {t.dtype}"
                for n, t in (("x", x), ("wkv", wkv), ("wgate", wgate)) if t.dtype not in _FLOAT]
-    if args[-1] and x.dtype != torch.float32:
-        reasons.append(f"cpu compress_kv implements hf_rounding only for float32 x (where every rounding to x.dtype "
-                       f"is exact), got {x.dtype}")
-    return reasons
 
 
 register_kernels("cpu", {"compress_kv": native_kernels("CPU")["compress_kv"]},

@@ -94,7 +94,12 @@ def _check_weight(
 
 
 def _prep_weight(w: torch.Tensor) -> torch.Tensor:
-    w = w.contiguous()
+    # A CPU float expert stack whose experts are each row-contiguous (e.g. one half of a fused
+    # [E, 2I, D] gate_up weight) is passed as is: the CPU kernels read it in place (the reference
+    # takes any strides, the Triton adapter makes it contiguous), so no copy of the weights.
+    if not (w.device.type == "cpu" and w.dtype in C.FLOAT_DTYPES and w.dim() == 3 and w.stride(-1) == 1
+            and w.stride(-2) == w.shape[-1] and w.stride(0) >= w.shape[-2] * w.shape[-1]):
+        w = w.contiguous()
     return w.view(torch.uint8) if weight_format(w) == FP4 and w.dtype != torch.uint8 else w
 
 

@@ -22,9 +22,9 @@ def _moe_experts_refusals(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                           w2_s: torch.Tensor | None, swiglu_limit: float, weight_after_w2: bool,
                           out_dtype: torch.dtype, hf_rounding: bool) -> list[str]:
     reasons = []
-    if hf_rounding and (x.dtype != torch.float32 or out_dtype != torch.float32):
-        reasons.append(f"cpu moe_experts implements hf_rounding only for float32 x and output (where it equals the "
-                       f"default up to the order of the fp32 sum), got {x.dtype} -> {out_dtype}")
+    if hf_rounding and out_dtype not in (torch.float32, x.dtype):
+        reasons.append(f"cpu moe_experts implements hf_rounding for out_dtype float32 or x.dtype, got {x.dtype} -> "
+                       f"{out_dtype}")
     if topk_ids.dtype != torch.int32:
         reasons.append(f"cpu moe_experts needs int32 topk_ids, got {topk_ids.dtype}")
     most = LIMITS["moe_experts.max_topk"]

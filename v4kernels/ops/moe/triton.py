@@ -308,7 +308,7 @@ def moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_
     s1, ue = U.scale_args(w1_s) if w1_s is not None else (x, False)
     s3 = U.scale_args(w3_s)[0] if w3_s is not None else x
     s2 = U.scale_args(w2_s)[0] if w2_s is not None else x
-    ww = (lambda w: w.view(torch.uint8)) if fmt else (lambda w: w)
+    ww = (lambda w: w.view(torch.uint8)) if fmt else (lambda w: w.contiguous())
     dot16 = U.dot_bf16(dev) and (fmt != 0 or (x.dtype == torch.bfloat16 and w1.dtype == torch.bfloat16))
     xk = U.out_kind(x.dtype)
     h = torch.empty((t * k, inter), dtype=x.dtype, device=dev)
