@@ -198,3 +198,86 @@ def test_import_is_lazy():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- dispatch fast path
+def _signatures():
+    sigs = [R._py_signature]
+    R.signature((X,))  # first use switches to the CPU extension's helper when it is built
+    if R._sig is not R._py_signature:
+        sigs.append(R._sig)
+    return sigs
+
+
+@pytest.mark.parametrize("sig", _signatures(), ids=lambda f: "native" if f is not R._py_signature else "python")
+def test_signature_tells_apart_what_checks_and_selection_depend_on(sig):
+    base = sig((X, None, True, 1e-6, "fp8", torch.float32))
+    assert base == sig((X.clone(), None, True, 1e-6, "fp8", torch.float32))  # values do not count
+    assert base == sig((X.t().contiguous().t(), None, True, 1e-6, "fp8", torch.float32))  # nor strides
+    different = [
+        (X.double(), None, True, 1e-6, "fp8", torch.float32),  # dtype
+        (X.reshape(4, 4), None, True, 1e-6, "fp8", torch.float32),  # shape
+        (X.requires_grad_(False).clone().requires_grad_(True), None, True, 1e-6, "fp8", torch.float32),
+        (X, X, True, 1e-6, "fp8", torch.float32),  # None vs a tensor
+        (X, None, 1, 1e-6, "fp8", torch.float32),  # True vs 1
+        (X, None, True, 1e-5, "fp8", torch.float32),
+        (X, None, True, 1e-6, "fp4", torch.float32),
+        (X, None, True, 1e-6, "fp8", torch.bfloat16),
+        (X, None, True, 1e-6, "fp8", torch.float32, [X, 2]),
+    ]
+    keys = [sig(a) for a in different]
+    assert base not in keys and len(set(keys)) == len(keys)
+    with torch.no_grad():
+        assert sig((X, None, True, 1e-6, "fp8", torch.float32)) != base  # grad mode is part of it
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert sig((X.as_subclass(Sub),)) is None and sig((object(),)) is None
+    big = sig((2**70,))
+    assert big is None or big != sig((2**70 + 1,))  # never confused: no key, or an exact one
+
+
+def test_selection_is_remembered_per_signature_unless_refusals_read_values(fake_backend):
+    consulted = []
+
+    def structural(x, weight, eps, hf_rounding):
+        consulted.append("structural")
+        return []
+
+    def by_value(x, weight, eps, hf_rounding):
+        consulted.append("value")
+        return ["fake refuses negative first entries"] if float(x.flatten()[0]) < 0 else []
+
+    v4k.register_kernel("fake", "rms_norm", refusals=structural)(lambda x, w, e, h: torch.zeros_like(x))
+    pos = X.abs() + 1
+    for _ in range(3):
+        assert torch.equal(v4k.rms_norm(pos), torch.zeros_like(pos))
+    assert consulted == ["structural"]  # asked once for this signature
+    v4k.rms_norm(torch.randn(3, 8))
+    assert consulted == ["structural"] * 2  # a new signature asks again
+
+    consulted.clear()
+    v4k.register_kernel("fake", "rms_norm", refusals=by_value, refusals_read_values=True)(
+        lambda x, w, e, h: torch.zeros_like(x))
+    v4k.rms_norm(pos)
+    assert v4k.last_backend("rms_norm") == "fake"
+    v4k.rms_norm(-pos)  # same signature, refused by value: the reference runs
+    assert v4k.last_backend("rms_norm") == "reference"
+    v4k.rms_norm(pos)
+    assert v4k.last_backend("rms_norm") == "fake" and consulted == ["value"] * 3
+
+
+def test_remembered_routes_follow_registration_and_forcing(fake_backend):
+    v4k.rms_norm(X)
+    assert v4k.last_backend("rms_norm") != "fake"  # fake has no kernel yet
+    v4k.register_kernel("fake", "rms_norm")(lambda x, w, e, h: torch.zeros_like(x))
+    assert torch.equal(v4k.rms_norm(X), torch.zeros_like(X)) and v4k.last_backend("rms_norm") == "fake"
+    with v4k.use_backend("reference"):
+        assert not torch.equal(v4k.rms_norm(X), torch.zeros_like(X))
+    with v4k.track_usage() as usage:
+        v4k.rms_norm(X)
+    assert usage == {("rms_norm", "fake"): 1}
+    Y = X.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="rms_norm has no backward"):  # autograd still sees the op
+        v4k.rms_norm(Y)

@@ -113,6 +113,14 @@ def check_out_dtype(op: str, out_dtype: object, default: torch.dtype) -> torch.d
     return out_dtype
 
 
+def contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous ``dtype`` tensor, without a call into torch when it already is one
+    (``Tensor.to`` costs about a microsecond of argument parsing even when it does nothing)."""
+    if t.dtype is not dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
 # os.environ.get costs about a microsecond (key encoding); on POSIX read the raw mapping directly
 _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
@@ -124,24 +132,47 @@ def _checks_mode() -> str:
     return os.environ.get("V4K_CHECKS", "auto")
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def value_checks_enabled(*tensors: torch.Tensor) -> bool:
     mode = _checks_mode()
     if mode == "off":
         return False
     for t in tensors:
-        if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        if type(t) not in _PLAIN_TENSORS and isinstance(t, torch._subclasses.FakeTensor):
             return False
-    if mode == "full":
-        return True
-    return all(t.device.type == "cpu" for t in tensors)
+        if t.is_cpu:
+            continue
+        if mode != "full" or t.is_meta:
+            return False
+    return True
+
+
+#: ``index_bounds(t) -> (min, max) | None`` of the CPU extension (set when it is built)
+native_index_bounds = None
+
+
+def index_bounds(idx: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty integer tensor, read on the host."""
+    if native_index_bounds is not None:
+        b = native_index_bounds(idx)
+        if b is not None:
+            return b
+    mn, mx = torch.aminmax(idx)
+    return int(mn), int(mx)
 
 
 def check_index_range(op: str, name: str, idx: torch.Tensor, n: int, allow_sentinel: bool = True) -> None:
     """Indices must lie in ``[0, n)`` (or be the -1 sentinel). Reads values: see module doc."""
-    if idx.numel() == 0 or not value_checks_enabled(idx):
-        return
     lo = -1 if allow_sentinel else 0
-    mn, mx = int(idx.min()), int(idx.max())
+    bounds = native_index_bounds(idx) if native_index_bounds is not None else None
+    if bounds is not None:  # a CPU index tensor, read in place: in range passes whatever the mode
+        if bounds[0] >= lo and bounds[1] < n or _checks_mode() == "off":
+            return
+    elif idx.numel() == 0 or not value_checks_enabled(idx):
+        return
+    mn, mx = bounds or index_bounds(idx)
     if mn < lo or mx >= n:
         bad = idx[(idx < lo) | (idx >= n)]
         exp = f"[-1, {n})" if allow_sentinel else f"[0, {n})"
@@ -149,6 +180,19 @@ def check_index_range(op: str, name: str, idx: torch.Tensor, n: int, allow_senti
             f"{op}: {name} entries must lie in {exp}, got min {mn}, max {mx} "
             f"(first offending value {int(bad.flatten()[0])})"
         )
+
+
+def check_nonnegative(op: str, name: str, t: torch.Tensor) -> None:
+    """Integer entries (positions) must be >= 0. Reads values: see module doc."""
+    bounds = native_index_bounds(t) if native_index_bounds is not None else None
+    if bounds is not None:
+        if bounds[0] >= 0 or _checks_mode() == "off":
+            return
+    elif t.numel() == 0 or not value_checks_enabled(t):
+        return
+    lo = (bounds or index_bounds(t))[0]
+    if lo < 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got min {lo}")
 
 
 def max_alloc_bytes() -> int:

@@ -53,6 +53,9 @@ class KernelEntry:
     fn: Callable[..., Any]
     #: ``refusals(*args) -> list[str]``: why this kernel cannot take these arguments (empty: it can)
     refusals: Callable[..., list[str]] | None = None
+    #: the refusals read tensor values; otherwise they depend only on what :func:`signature`
+    #: encodes, and dispatch caches their verdict per argument signature
+    refusals_read_values: bool = False
 
 
 # backend name -> op name -> kernel
@@ -71,14 +74,16 @@ def op_family(op: str) -> str:
 
 
 def register_kernel(
-    backend: str, op: str, *, refusals: Callable[..., list[str]] | None = None
+    backend: str, op: str, *, refusals: Callable[..., list[str]] | None = None, refusals_read_values: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn`` as ``backend``'s kernel for ``op``.
 
     ``fn`` takes exactly the op's schema arguments (``docs/op_contracts.md``), already validated.
     ``refusals(*args)`` may return reasons why this kernel cannot handle particular arguments
     (dtype, shape limits); dispatch then moves on to the next backend (or raises, if the backend
-    was forced).
+    was forced). Refusals may depend only on dtypes, shapes, devices, ``requires_grad`` and scalar
+    arguments — dispatch remembers their verdict per argument signature — unless
+    ``refusals_read_values=True`` says they read tensor values (then they run on every call).
 
     Example
     -------
@@ -96,22 +101,25 @@ def register_kernel(
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(fn):
             raise TypeError(f"register_kernel: kernel for {op} must be callable, got {type(fn).__name__}")
-        _KERNELS.setdefault(backend, {})[op] = KernelEntry(fn, refusals)
-        _PLAN.clear()
+        _KERNELS.setdefault(backend, {})[op] = KernelEntry(fn, refusals, bool(refusals_read_values))
+        clear_dispatch_cache()
         return fn
 
     return deco
 
 
 def register_kernels(backend: str, table: dict[str, Callable[..., Any]],
-                     refusals: dict[str, Callable[..., list[str]]] | None = None) -> None:
-    """Register a pass-through table ``{op: fn}`` (e.g. native implementation ops) for ``backend``."""
+                     refusals: dict[str, Callable[..., list[str]]] | None = None,
+                     refusals_read_values: Sequence[str] = ()) -> None:
+    """Register a pass-through table ``{op: fn}`` (e.g. native implementation ops) for ``backend``;
+    ``refusals_read_values`` names the ops whose refusals read tensor values (see
+    :func:`register_kernel`)."""
     refusals = refusals or {}
-    unknown = set(refusals) - set(table)
+    unknown = (set(refusals) | set(refusals_read_values)) - set(table)
     if unknown:
         raise ValueError(f"register_kernels: refusals given for ops without a kernel: {sorted(unknown)}")
     for op, fn in table.items():
-        register_kernel(backend, op, refusals=refusals.get(op))(fn)
+        register_kernel(backend, op, refusals=refusals.get(op), refusals_read_values=op in refusals_read_values)(fn)
 
 
 def triton_launch_row(target: str) -> dict[str, dict[str, int]] | None:
@@ -302,8 +310,10 @@ _PLAN: dict[tuple[str, str, str | None], list[tuple[Backend, KernelEntry]]] = {}
 
 
 def clear_dispatch_cache() -> None:
-    """Forget cached backend plans (after registering kernels or backends at run time)."""
+    """Forget cached backend plans and routes (after registering kernels or backends at run time)."""
     _PLAN.clear()
+    for op in _OPS.values():
+        op._routes.clear()
 
 
 def _plan(op: str, device_type: str, forced: str | None) -> list[tuple[Backend, KernelEntry]]:
@@ -337,21 +347,38 @@ def select_backend(op: str, args: Sequence[Any], device_type: str | None = None)
     raise BackendUnavailableError(f"no backend can run {op} on {device_type}: " + " | ".join(tried))
 
 
-def _run(op: str, args: tuple, device_type: str | None = None) -> Any:
+def _forcing() -> bool:
+    """Whether a ``use_backend`` scope or ``V4K_BACKEND`` may force a backend (cheap test)."""
+    if _FORCED.get():
+        return True
+    if _ENV_DATA is not None:
+        return b"V4K_BACKEND" in _ENV_DATA
+    return bool(_env_backend())
+
+
+def _run(op: str, args: tuple, device_type: str | None = None, routes: dict | None = None,
+         key: bytes | tuple | None = None) -> Any:
+    """Select the backend for ``args`` and run its kernel. With ``routes`` and a signature ``key``,
+    a selection that depends on nothing but the signature is remembered there (see :class:`Op`)."""
     if device_type is None:
         device_type = _device_type(args)
-    if _FORCED.get() or (_ENV_DATA is None or b"V4K_BACKEND" in _ENV_DATA) and _env_backend():
-        forced = forced_backend(op)
-    else:
-        forced = None
+    forced = forced_backend(op) if _forcing() else None
     plan = _PLAN.get((op, device_type, forced))
     if plan is None:
         plan = _plan(op, device_type, forced)
+    by_signature = forced is None
     for backend, entry in plan:
-        if entry.refusals is None or not entry.refusals(*args):
+        if entry.refusals is None:
+            break
+        by_signature = by_signature and not entry.refusals_read_values
+        if not entry.refusals(*args):
             break
     else:
         backend, entry = select_backend(op, args, device_type)  # raises with every reason
+    if routes is not None and key is not None and by_signature:
+        if len(routes) >= _MAX_SIGNATURES:
+            routes.clear()
+        routes[key] = (backend.name, entry)
     last = getattr(_THREAD, "last", None)
     if last is None:
         last = _last_used()
@@ -379,20 +406,56 @@ _MAX_SIGNATURES = 1024
 #: torch.device -> its type string (reading ``.type`` allocates a str each time)
 _DEVICE_TYPES: dict[torch.device, str] = {}
 _Tensor = torch.Tensor
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
-def _signature(args: Sequence[Any]) -> tuple | None:
-    """What the structural checks depend on: dtype, shape and device of every tensor, type and value
-    of every other argument (``True`` and ``1`` differ). None when an argument is unhashable."""
-    key = []
+def _py_signature(args: Sequence[Any], depth: int = 0) -> tuple | None:
+    key: list[Any] = [torch.is_grad_enabled()] if depth == 0 else []
     for a in args:
-        if isinstance(a, _Tensor):
-            key.append((a.dtype, a.shape, a.device))
-        elif a is None or isinstance(a, (bool, int, float, str, torch.dtype)):
-            key.append((type(a), a))
+        t = type(a)
+        if t in _PLAIN_TENSORS:
+            key.append((a.dtype, a.shape, a.device, a.requires_grad))
+        elif t in _SCALARS:
+            key.append((t, a))
+        elif (t is list or t is tuple) and depth < 2:
+            inner = _py_signature(a, depth + 1)
+            if inner is None:
+                return None
+            key.append((t, inner))
         else:
             return None
     return tuple(key)
+
+
+def signature(args: tuple) -> bytes | tuple | None:
+    """The key under which an op call's structural checks and backend selection are remembered:
+    grad mode, and per schema argument its kind plus, for a tensor, dtype, device, shape and
+    ``requires_grad``, for a scalar its type and value (``True`` and ``1`` differ). Strides and
+    tensor values are not part of it. None when an argument has no key (tensor subclasses, other
+    objects): such calls are checked and dispatched in full every time."""
+    return _sig(args)
+
+
+def _load_native_sig(args: tuple) -> bytes | tuple | None:
+    """First call of ``_sig``: switch to the CPU extension's helpers (``csrc/cpu/fastpath.cpp``:
+    the same key as bytes, and the index bounds of value checks, in a fraction of the time) when
+    it is built, else keep the pure-Python versions. Done on first use, not at import, so that
+    importing v4kernels loads no native library."""
+    global _sig
+    _sig = _py_signature
+    try:
+        from . import _C_cpu  # noqa: PLC0415
+    except Exception:  # noqa: BLE001 - not built, or built for another CPU: keep the Python helpers
+        return _sig(args)
+    from . import _checks
+
+    _checks.native_index_bounds = _C_cpu.index_bounds
+    _sig = _C_cpu.signature
+    return _sig(args)
+
+
+_sig: Callable[[tuple], bytes | tuple | None] = _load_native_sig
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -408,7 +471,7 @@ class Op:
     """
 
     __slots__ = ("name", "family", "overload", "check", "value_check", "memoize", "differentiable", "_tensor_pos",
-                 "_validated")
+                 "_validated", "_routes")
 
     def __init__(self, name: str, family: str, overload: Any, check: Callable[..., None] | None,
                  value_check: Callable[..., None] | None, memoize: bool, differentiable: bool,
@@ -418,28 +481,56 @@ class Op:
         self.differentiable = differentiable
         self._tensor_pos = tensor_pos
         self._validated: set = set()
+        #: signature -> (backend name, kernel entry), or (None, custom op) for calls autograd or a
+        #: meta tensor must route through ``torch.ops.v4k``
+        self._routes: dict = {}
 
-    def validate(self, *args: Any) -> None:
-        """Run the op's checks on schema arguments. With ``memoize``, the structural checks (types,
-        dtypes, shapes, devices, scalars) run once per distinct argument signature; checks that read
-        tensor values (``value_check``) run on every call."""
+    def validate(self, *args: Any) -> bytes | tuple | None:
+        """Run the op's checks on schema arguments and return their :func:`signature`. With
+        ``memoize``, the structural checks (types, dtypes, shapes, devices, scalars) run once per
+        distinct signature; checks that read tensor values (``value_check``) run on every call."""
+        key = _sig(args)
         if self.check is not None:
-            if not self.memoize:
+            if not self.memoize or key is None:
                 self.check(*args)
-            else:
-                key = _signature(args)
-                if key is None or key not in self._validated:
-                    self.check(*args)
-                    if key is not None:
-                        if len(self._validated) >= _MAX_SIGNATURES:
-                            self._validated.clear()
-                        self._validated.add(key)
+            elif key not in self._validated:
+                self.check(*args)
+                if len(self._validated) >= _MAX_SIGNATURES:
+                    self._validated.clear()
+                self._validated.add(key)
         if self.value_check is not None:
             self.value_check(*args)
+        return key
 
     def __call__(self, *args: Any) -> Any:
+        return self.run_as(_sig(args), *args)
+
+    def run_as(self, key: bytes | tuple | None, *args: Any) -> Any:
+        """:meth:`__call__` with the signature already known: ``key`` is what :meth:`validate`
+        returned for the arguments as the caller received them. A public function may pass
+        arguments made contiguous or converted from them, as long as the conversion depends on
+        nothing but that signature (a dtype cast, ``.contiguous()``), so that one key keeps
+        naming one route."""
         if _dispatch_modes() or _is_compiling():
             return self.overload(*args)
+        route = self._routes.get(key)
+        # (inlined _forcing(): on POSIX a scope or V4K_BACKEND sends the call down the full path)
+        if route is not None and not _FORCED.get() and _ENV_DATA is not None and b"V4K_BACKEND" not in _ENV_DATA:
+            backend, entry = route
+            if backend is None:
+                return entry(*args)
+            if _USAGE.get() is None:
+                last = getattr(_THREAD, "last", None)
+                if last is None:
+                    last = _last_used()
+                last[self.name] = backend
+                return entry.fn(*args)
+        return self._call(args, key)
+
+    def _call(self, args: tuple, key: bytes | tuple | None) -> Any:
+        """The full path of :meth:`__call__`: find the device, send calls that autograd, a tensor
+        subclass or a meta tensor must see through the custom op, otherwise select the kernel
+        (remembering a signature-determined choice) and run it."""
         device_type = None
         for i in self._tensor_pos:
             t = args[i]
@@ -455,12 +546,19 @@ class Op:
             for i in self._tensor_pos:
                 t = args[i]
                 if t is not None and t.requires_grad:
-                    return self.overload(*args)
+                    return self._through_custom_op(args, key)
         if device_type is None:
             device_type = _device_type(args)
         elif device_type == "meta":
-            return self.overload(*args)
-        return _run(self.name, args, device_type)
+            return self._through_custom_op(args, key)
+        return _run(self.name, args, device_type, self._routes, key)
+
+    def _through_custom_op(self, args: tuple, key: bytes | tuple | None) -> Any:
+        if key is not None:
+            if len(self._routes) >= _MAX_SIGNATURES:
+                self._routes.clear()
+            self._routes[key] = (None, self.overload)
+        return self.overload(*args)
 
     def __repr__(self) -> str:
         return f"<v4kernels op {self.name}>"
@@ -528,10 +626,7 @@ def declare_op(
     def impl(*args: Any, **kwargs: Any) -> Any:
         if kwargs:
             args = args + tuple(kwargs[n] for n in arg_names[len(args):])
-        if check is not None:
-            check(*args)
-        if value_check is not None:
-            value_check(*args)
+        _OPS[name].validate(*args)
         return _run(name, args)
 
     _LIB.impl(name, impl, "CompositeExplicitAutograd")

@@ -1,7 +1,8 @@
 // The Python module of the native CPU extension: `import v4kernels._C_cpu` loads the library, which
 // runs the TORCH_LIBRARY_IMPL(v4k_impl, CPU, ...) registrations of every <family>_ops.cpp, and
 // refuses to load on a CPU lacking the vector ISA it was compiled for. It also exposes the kernels'
-// capability limits (kernels.h) to Python as torch.ops.v4k_cpu.limits().
+// capability limits (kernels.h) to Python as torch.ops.v4k_cpu.limits(), and the dispatch
+// fast-path helpers (fastpath.cpp) as module functions.
 #include <Python.h>
 
 #include <string>
@@ -9,6 +10,7 @@
 #include <ATen/core/Dict.h>
 #include <torch/library.h>
 
+#include "fastpath.h"
 #include "kernels.h"
 
 namespace {
@@ -26,8 +28,16 @@ TORCH_LIBRARY(v4k_cpu, m) { m.def("limits() -> Dict(str, int)", &limits); }
 
 // A minimal Python module so `import v4kernels._C_cpu` loads the library (and runs the
 // registrations above); no pybind11 (a build-time choice: one dependency less).
+static PyMethodDef v4k_cpu_methods[] = {
+    {"signature", v4k_signature, METH_O,
+     "signature(args: tuple) -> bytes | None: the dispatch fast path's key of schema arguments"},
+    {"index_bounds", v4k_index_bounds, METH_O,
+     "index_bounds(t) -> (min, max) | None: bounds of a contiguous CPU int32/int64 tensor"},
+    {nullptr, nullptr, 0, nullptr}};
+
 static struct PyModuleDef v4k_cpu_module = {PyModuleDef_HEAD_INIT, "_C_cpu",
-                                            "v4kernels native CPU kernels (implements torch.ops.v4k_impl on CPU)", -1, nullptr};
+                                            "v4kernels native CPU kernels (implements torch.ops.v4k_impl on CPU)", -1,
+                                            v4k_cpu_methods};
 
 #ifndef V4K_CPU_ISA
 #define V4K_CPU_ISA "unknown"

@@ -164,7 +164,7 @@ class CompressorState:
                 C.check_int(op, "rows", r)
             idx = torch.tensor(seq, dtype=torch.int64, device=self.device)
         if idx.numel():
-            lo, hi = int(idx.min()), int(idx.max())
+            lo, hi = C.index_bounds(idx)
             if lo < 0 or hi >= b:
                 raise ValueError(f"{op}: rows must lie in [0, {b}), got min {lo}, max {hi}")
         self.pending_kv[idx] = 0.0
@@ -262,7 +262,7 @@ def _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pendi
     _check_no_overlap(op, dict(pending_kv=pending_kv, pending_score=pending_score, prev_kv=prev_kv,
                                prev_score=prev_score, n_tokens=n_tokens))
     if C.value_checks_enabled(n_tokens) and n_tokens.numel():
-        lo, hi = int(n_tokens.min()), int(n_tokens.max())
+        lo, hi = C.index_bounds(n_tokens)
         if lo < 0:
             raise ValueError(f"{op}: state.n_tokens must be >= 0, got min {lo}")
         if hi + s >= 2**62:

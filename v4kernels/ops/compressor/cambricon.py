@@ -37,7 +37,7 @@ def _refusals(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score,
     return reasons
 
 
-@register_kernel("cambricon", "compress_kv", refusals=_refusals)
+@register_kernel("cambricon", "compress_kv", refusals=_refusals, refusals_read_values=True)
 def compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score, n_tokens,
                 ratio: int, quant: str, eps: float, hf_rounding: bool):
     import v4kernels as v4k

@@ -61,7 +61,7 @@ def _check_common(op, q, weights, keys, key_scales, positions, ratio) -> None:
     C.check_int(op, "ratio", ratio, minimum=1)
     C.check_same_device(op, q=q, weights=weights, keys=keys, key_scales=key_scales, positions=positions)
     if C.value_checks_enabled(positions) and positions.numel():
-        lo, hi = int(positions.min()), int(positions.max())
+        lo, hi = C.index_bounds(positions)
         if lo < 0:
             raise ValueError(f"{op}: positions must be >= 0, got min {lo}")
         if hi >= _MAX_POSITION:
@@ -163,7 +163,7 @@ def indexer_scores(
     if b * s * n == 0:
         return torch.empty((b, s, n), dtype=torch.float32, device=q.device)
     return _indexer_scores(q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales),
-                           positions.to(torch.int64).contiguous(), ratio)
+                           C.contiguous_as(positions, torch.int64), ratio)
 
 
 def indexer_topk(
@@ -214,7 +214,7 @@ def indexer_topk(
     if b * s * k == 0:
         return torch.empty((b, s, k), dtype=torch.int32, device=q.device)
     return _indexer_topk(
-        q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales), positions.to(torch.int64).contiguous(),
+        q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales), C.contiguous_as(positions, torch.int64),
         topk, ratio, offset,
     )
 
@@ -273,8 +273,7 @@ def indexer_query(
     exp = [q.shape[1]] if positions.dim() == 1 else [q.shape[0], q.shape[1]]
     C.check_tensor(op, "positions", positions, shape=exp)
     C.check_same_device(op, q=q, positions=positions, freqs=freqs)
-    if C.value_checks_enabled(positions) and positions.numel() and int(positions.min()) < 0:
-        raise ValueError(f"{op}: positions must be >= 0, got min {int(positions.min())}")
+    C.check_nonnegative(op, "positions", positions)
     if q.numel() == 0:
         return torch.empty_like(q)
     out = apply_rope(q, positions, freqs)

@@ -267,10 +267,10 @@ def hc_post(
     >>> v4kernels.hc_post(torch.ones(1, 2), res, torch.zeros(1, 4), comb)[0, 1]
     tensor([0., 1.])
     """
-    _post.validate(x, residual, post, comb, bf16_mix)
+    key = _post.validate(x, residual, post, comb, bf16_mix)
     if residual.numel() == 0:
         return _fake_post(x, residual, post, comb, bf16_mix)
-    return _post(x.contiguous(), residual.contiguous(), post.contiguous(), comb.contiguous(), bf16_mix)
+    return _post.run_as(key, x.contiguous(), residual.contiguous(), post.contiguous(), comb.contiguous(), bf16_mix)
 
 
 def hc_head(

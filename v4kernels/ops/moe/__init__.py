@@ -352,7 +352,7 @@ def moe_experts(
     return _moe_experts(
         x.contiguous(),
         topk_weights.float().contiguous(),
-        topk_ids.to(torch.int32).contiguous(),
+        C.contiguous_as(topk_ids, torch.int32),
         _prep_weight(w1), _opt(w1_scale),
         _prep_weight(w3), _opt(w3_scale),
         _prep_weight(w2), _opt(w2_scale),

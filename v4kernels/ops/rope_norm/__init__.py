@@ -100,8 +100,7 @@ def _check_apply_rope(x, positions, freqs, inverse, round_tables) -> None:
 
 
 def _check_apply_rope_positions(x, positions, freqs, inverse, round_tables) -> None:
-    if C.value_checks_enabled(positions) and positions.numel() and int(positions.min()) < 0:
-        raise ValueError(f"apply_rope: positions must be >= 0, got min {int(positions.min())}")
+    C.check_nonnegative("apply_rope", "positions", positions)
 
 
 def _check_rms_norm(x, weight, eps, hf_rounding) -> None:
@@ -160,10 +159,10 @@ def apply_rope(
     if isinstance(positions, torch.Tensor) and positions.dim() == 1 and isinstance(x, torch.Tensor) and x.dim() >= 3:
         C.check_tensor("apply_rope", "positions", positions, shape=[x.shape[1]])
         positions = positions.unsqueeze(0).expand(x.shape[0], -1)
-    _apply_rope.validate(x, positions, freqs, inverse, round_tables)
+    key = _apply_rope.validate(x, positions, freqs, inverse, round_tables)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _apply_rope(x.contiguous(), positions.contiguous(), freqs.contiguous(), inverse, round_tables)
+    return _apply_rope.run_as(key, x.contiguous(), positions.contiguous(), freqs.contiguous(), inverse, round_tables)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, hf_rounding: bool = False) -> torch.Tensor:
@@ -195,7 +194,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     >>> v4kernels.rms_norm(torch.full((1, 4), 3.0))
     tensor([[1.0000, 1.0000, 1.0000, 1.0000]])
     """
-    _rms_norm.validate(x, weight, eps, hf_rounding)
+    key = _rms_norm.validate(x, weight, eps, hf_rounding)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _rms_norm(x.contiguous(), None if weight is None else weight.contiguous(), float(eps), hf_rounding)
+    return _rms_norm.run_as(key, x.contiguous(), None if weight is None else weight.contiguous(), float(eps), hf_rounding)
