@@ -281,3 +281,23 @@ def test_remembered_routes_follow_registration_and_forcing(fake_backend):
     Y = X.clone().requires_grad_(True)
     with pytest.raises(RuntimeError, match="rms_norm has no backward"):  # autograd still sees the op
         v4k.rms_norm(Y)
+
+
+def test_public_functions_trace_in_one_graph():
+    """torch.compile(fullgraph=True) of the public functions: the handle takes the custom op when
+    compiling, before any native fast-path helper (which dynamo cannot trace) is called."""
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(1, 2, 4, 64, generator=g), torch.randn(1, 10, 64, generator=g)
+    sink, idx = torch.zeros(4), torch.randint(0, 10, (1, 2, 3), dtype=torch.int32, generator=g)
+    x, res = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 4, 64, generator=g)
+    post, comb = torch.rand(2, 1, 4, generator=g), torch.rand(2, 1, 4, 4, generator=g)
+    pos, freqs = torch.arange(2).reshape(2, 1), v4k.v4_rope_frequencies(True)[:32]
+    cases = [
+        (lambda: v4k.sparse_attn(q, kv, sink, idx, 0.1)),
+        (lambda: v4k.hc_post(x, res, post, comb)),
+        (lambda: v4k.rms_norm(x, None)),
+        (lambda: v4k.apply_rope(res, pos, freqs)),
+    ]
+    for fn in cases:
+        compiled = torch.compile(fn, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(), fn())

@@ -489,6 +489,12 @@ class Op:
         """Run the op's checks on schema arguments and return their :func:`signature`. With
         ``memoize``, the structural checks (types, dtypes, shapes, devices, scalars) run once per
         distinct signature; checks that read tensor values (``value_check``) run on every call."""
+        if _is_compiling():
+            # traced by torch.compile: the checks run on the traced arguments (the custom op the
+            # handle calls then checks the real ones, values included, when the graph runs)
+            if self.check is not None:
+                self.check(*args)
+            return None
         key = _sig(args)
         if self.check is not None:
             if not self.memoize or key is None:
@@ -503,6 +509,8 @@ class Op:
         return key
 
     def __call__(self, *args: Any) -> Any:
+        if _is_compiling() or _dispatch_modes():
+            return self.overload(*args)
         return self.run_as(_sig(args), *args)
 
     def run_as(self, key: bytes | tuple | None, *args: Any) -> Any:
@@ -511,7 +519,7 @@ class Op:
         arguments made contiguous or converted from them, as long as the conversion depends on
         nothing but that signature (a dtype cast, ``.contiguous()``), so that one key keeps
         naming one route."""
-        if _dispatch_modes() or _is_compiling():
+        if _is_compiling() or _dispatch_modes():
             return self.overload(*args)
         route = self._routes.get(key)
         # (inlined _forcing(): on POSIX a scope or V4K_BACKEND sends the call down the full path)

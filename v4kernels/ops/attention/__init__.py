@@ -75,7 +75,7 @@ def _check_sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale) -> None:
 
 
 def _check_sparse_attn_indices(q, kv, attn_sink, topk_idxs, softmax_scale) -> None:
-    C.check_index_range("sparse_attn", "topk_idxs", topk_idxs, kv.size(1))
+    C.check_index_range("sparse_attn", "topk_idxs", topk_idxs, kv.shape[1])
 
 
 def _check_pack_kv_fp8(kv) -> None:
@@ -176,19 +176,17 @@ def sparse_attn(
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5 if isinstance(q, torch.Tensor) and q.dim() == 4 else DEFAULT_SOFTMAX_SCALE
     key = _sparse_attn.validate(q, kv, attn_sink, topk_idxs, softmax_scale)
-    n = kv.shape[1]
     if q.numel() == 0:
         return torch.empty_like(q)
-    if topk_idxs.shape[2] == 0 or n == 0:
+    if topk_idxs.shape[2] == 0 or kv.shape[1] == 0:
         # No key can be selected (every entry of a non-empty list must then be -1): all zeros.
         return torch.zeros_like(q)
+    if attn_sink.dtype is not torch.float32:
+        attn_sink = attn_sink.float()
+    if topk_idxs.dtype is not torch.int32:
+        topk_idxs = topk_idxs.int()
     return _sparse_attn.run_as(
-        key,
-        q.contiguous(),
-        kv.contiguous(),
-        C.contiguous_as(attn_sink, torch.float32),
-        C.contiguous_as(topk_idxs, torch.int32),
-        float(softmax_scale),
+        key, q.contiguous(), kv.contiguous(), attn_sink.contiguous(), topk_idxs.contiguous(), float(softmax_scale)
     )
 
 
