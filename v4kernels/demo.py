@@ -24,24 +24,37 @@ from .layers.config import V4Config, compress_ratio_of_layer
 
 @contextlib.contextmanager
 def time_in_ops() -> Iterator[list[float]]:
-    """Accumulates the wall time spent inside v4k op calls (backend selection + kernel) into the
-    yielded one-element list; the rest of a step's wall time is the layers' host (Python) work
-    and the few torch ops they call directly (cat, scatter, views)."""
-    acc = [0.0]
-    orig = R.dispatch
+    """Accumulates the wall time spent inside the kernels that v4k op calls dispatch to (outermost
+    kernel calls only: a kernel that calls other ops counts once) into the yielded one-element
+    list. The rest of a step's wall time is host work: the layers' Python, the library's
+    validation and dispatch, and the few torch ops the layers call directly (cat, scatter, views).
+    Every registered kernel is wrapped for the duration of the block."""
+    acc, depth = [0.0], [0]
+    wrapped = []
 
-    def timed(op: str, *args: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return orig(op, *args)
-        finally:
-            acc[0] += time.perf_counter() - t
+    def timer(fn: Any) -> Any:
+        def timed(*args: Any) -> Any:
+            if depth[0]:
+                return fn(*args)
+            depth[0] += 1
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                acc[0] += time.perf_counter() - t
+                depth[0] -= 1
 
-    R.dispatch = timed  # declare_op's implementations look dispatch up at call time
+        return timed
+
+    for table in R._KERNELS.values():
+        for entry in table.values():
+            wrapped.append((entry, entry.fn))
+            entry.fn = timer(entry.fn)
     try:
         yield acc
     finally:
-        R.dispatch = orig
+        for entry, fn in wrapped:
+            entry.fn = fn
 
 
 def _fmt_bytes(n: float) -> str:
@@ -223,8 +236,9 @@ def print_report(r: dict[str, Any]) -> None:
         med = statistics.median(r["decode_s"])
         print(f"  decode {len(r['decode_s'])} steps       median {med * 1e3:8.1f} ms/step  (min {min(r['decode_s']) * 1e3:.1f}, max {max(r['decode_s']) * 1e3:.1f})")
         host = statistics.median(r["decode_host_s"])
-        print(f"  decode host (Python) median {host * 1e3:8.2f} ms/step  (step wall time minus the time inside v4k op calls,")
-        print("                                         i.e. the layers' own Python and the torch ops they call directly)")
+        print(f"  decode host (Python) median {host * 1e3:8.2f} ms/step  (step wall time minus the time inside the kernels:")
+        print("                                         the layers' Python, v4kernels' validation and dispatch, and the")
+        print("                                         torch ops the layers call directly)")
     print("\nKV cache held (after the last step):")
     for layer, ratio, nb in zip(r["layers"], r["ratios"], r["cache_bytes"]):
         kind = {4: "CSA", 128: "HCA", 0: "SWA"}[ratio]
