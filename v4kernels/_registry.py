@@ -527,11 +527,15 @@ class Op:
             backend, entry = route
             if backend is None:
                 return entry(*args)
-            if _USAGE.get() is None:
+            usage = _USAGE.get()
+            if usage is None or _RECORDING.get() is None:
                 last = getattr(_THREAD, "last", None)
                 if last is None:
                     last = _last_used()
                 last[self.name] = backend
+                if usage is not None:
+                    k = (self.name, backend)
+                    usage[k] = usage.get(k, 0) + 1
                 return entry.fn(*args)
         return self._call(args, key)
 
