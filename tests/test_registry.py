@@ -301,3 +301,16 @@ def test_public_functions_trace_in_one_graph():
     for fn in cases:
         compiled = torch.compile(fn, backend="eager", fullgraph=True)
         assert torch.equal(compiled(), fn())
+
+
+def test_remembered_plain_signatures_keep_conversions_and_empty_cases_apart():
+    g = torch.Generator().manual_seed(1)
+    q, kv = torch.randn(1, 2, 4, 64, generator=g), torch.randn(1, 10, 64, generator=g)
+    sink, idx = torch.randn(4, generator=g), torch.randint(0, 10, (1, 2, 3), dtype=torch.int32, generator=g)
+    want = v4k.sparse_attn(q, kv, sink, idx, 0.1)
+    assert torch.equal(v4k.sparse_attn(q, kv, sink, idx, 0.1), want)  # the remembered (plain) signature
+    assert torch.equal(v4k.sparse_attn(q, kv, sink, idx.long(), 0.1), want)  # int64 indices converted
+    got = v4k.sparse_attn(q, kv, sink.bfloat16(), idx, 0.1)  # a bf16 sink is converted
+    assert torch.equal(got, v4k.sparse_attn(q, kv, sink.bfloat16().float(), idx, 0.1))
+    assert torch.equal(v4k.sparse_attn(q, kv, sink, idx[:, :, :0], 0.1), torch.zeros_like(q))  # K = 0
+    assert v4k.sparse_attn(q[:, :0], kv, sink, idx[:, :0], 0.1).shape == (1, 0, 4, 64)

@@ -471,7 +471,7 @@ class Op:
     """
 
     __slots__ = ("name", "family", "overload", "check", "value_check", "memoize", "differentiable", "_tensor_pos",
-                 "_validated", "_routes")
+                 "_validated", "_routes", "plain")
 
     def __init__(self, name: str, family: str, overload: Any, check: Callable[..., None] | None,
                  value_check: Callable[..., None] | None, memoize: bool, differentiable: bool,
@@ -484,6 +484,9 @@ class Op:
         #: signature -> (backend name, kernel entry), or (None, custom op) for calls autograd or a
         #: meta tensor must route through ``torch.ops.v4k``
         self._routes: dict = {}
+        #: signatures for which the public function found that the arguments need no conversion
+        #: and no special case (empty inputs ...): it may pass them straight on (see :meth:`remember_plain`)
+        self.plain: set = set()
 
     def validate(self, *args: Any) -> bytes | tuple | None:
         """Run the op's checks on schema arguments and return their :func:`signature`. With
@@ -538,6 +541,14 @@ class Op:
                     usage[k] = usage.get(k, 0) + 1
                 return entry.fn(*args)
         return self._call(args, key)
+
+    def remember_plain(self, key: bytes | tuple | None) -> None:
+        """Record that calls with signature ``key`` need no argument conversion or special case in
+        the public function (a fact of dtypes and shapes alone)."""
+        if key is not None:
+            if len(self.plain) >= _MAX_SIGNATURES:
+                self.plain.clear()
+            self.plain.add(key)
 
     def _call(self, args: tuple, key: bytes | tuple | None) -> Any:
         """The full path of :meth:`__call__`: find the device, send calls that autograd, a tensor

@@ -176,15 +176,16 @@ def sparse_attn(
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5 if isinstance(q, torch.Tensor) and q.dim() == 4 else DEFAULT_SOFTMAX_SCALE
     key = _sparse_attn.validate(q, kv, attn_sink, topk_idxs, softmax_scale)
-    if q.numel() == 0:
-        return torch.empty_like(q)
-    if topk_idxs.shape[2] == 0 or kv.shape[1] == 0:
-        # No key can be selected (every entry of a non-empty list must then be -1): all zeros.
-        return torch.zeros_like(q)
-    if attn_sink.dtype is not torch.float32:
-        attn_sink = attn_sink.float()
-    if topk_idxs.dtype is not torch.int32:
-        topk_idxs = topk_idxs.int()
+    if key not in _sparse_attn.plain:
+        if q.numel() == 0:
+            return torch.empty_like(q)
+        if topk_idxs.shape[2] == 0 or kv.shape[1] == 0:
+            # No key can be selected (every entry of a non-empty list must then be -1): all zeros.
+            return torch.zeros_like(q)
+        if attn_sink.dtype is torch.float32 and topk_idxs.dtype is torch.int32:
+            _sparse_attn.remember_plain(key)
+        else:
+            attn_sink, topk_idxs = attn_sink.float(), topk_idxs.int()
     return _sparse_attn.run_as(
         key, q.contiguous(), kv.contiguous(), attn_sink.contiguous(), topk_idxs.contiguous(), float(softmax_scale)
     )
