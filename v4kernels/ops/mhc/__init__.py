@@ -126,6 +126,7 @@ _split = declare_op(
     "(Tensor mixes, Tensor hc_scale, Tensor hc_base, int hc_mult, int sinkhorn_iters, float eps) -> (Tensor, Tensor, Tensor)",
     _fake_split,
     check=_check_hc_split_sinkhorn,
+    memoize_checks=True,
     autograd=_autograd.recompute_backward(_bw.hc_split_sinkhorn_math, (0, 1, 2)),
 )
 _pre = declare_op(
@@ -134,6 +135,7 @@ _pre = declare_op(
     " -> (Tensor, Tensor, Tensor)",
     _fake_pre,
     check=_check_hc_pre,
+    memoize_checks=True,
     autograd=_autograd.recompute_backward(_bw.hc_pre_math, (0, 1, 2, 3)),
 )
 _post = declare_op("mhc", "hc_post", "(Tensor x, Tensor residual, Tensor post, Tensor comb, bool bf16_mix) -> Tensor", _fake_post,
@@ -142,6 +144,7 @@ _head = declare_op(
     "mhc", "hc_head", "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float norm_eps, float hc_eps) -> Tensor",
     _fake_head,
     check=_check_hc_head,
+    memoize_checks=True,
     autograd=_autograd.recompute_backward(_bw.hc_head_math, (0, 1, 2, 3)),
 )
 
@@ -189,11 +192,11 @@ def hc_split_sinkhorn(
     >>> bool(torch.allclose(comb.sum(-2), torch.ones(1, 4), atol=1e-5))
     True
     """
-    _check_hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps)
+    key = _split.validate(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps)
     hc, iters, eps = hc_mult, sinkhorn_iters, float(eps)
     if mixes.numel() == 0:
         return _fake_split(mixes, hc_scale, hc_base, hc, iters, eps)
-    return _split(mixes.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), hc, iters, eps)
+    return _split.run_as(key, mixes.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), hc, iters, eps)
 
 
 def hc_pre(
@@ -230,11 +233,13 @@ def hc_pre(
     >>> x_in.shape, post.shape, comb.shape
     (torch.Size([2, 1, 64]), torch.Size([2, 1, 4]), torch.Size([2, 1, 4, 4]))
     """
-    _check_hc_pre(x, hc_fn, hc_scale, hc_base, sinkhorn_iters, norm_eps, hc_eps)
+    key = _pre.validate(x, hc_fn, hc_scale, hc_base, sinkhorn_iters, norm_eps, hc_eps)
     iters, norm_eps, hc_eps = sinkhorn_iters, float(norm_eps), float(hc_eps)
     if x.numel() == 0:
         return _fake_pre(x, hc_fn, hc_scale, hc_base, iters, norm_eps, hc_eps)
-    return _pre(x.contiguous(), hc_fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), iters, norm_eps, hc_eps)
+    return _pre.run_as(
+        key, x.contiguous(), hc_fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), iters, norm_eps, hc_eps
+    )
 
 
 def hc_post(
@@ -305,8 +310,8 @@ def hc_head(
     >>> v4kernels.hc_head(x, torch.zeros(4, 32), torch.ones(1), torch.zeros(4), hc_eps=0.0)[0, :2]
     tensor([2., 2.])
     """
-    _check_hc_head(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps)
+    key = _head.validate(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps)
     norm_eps, hc_eps = float(norm_eps), float(hc_eps)
     if x.numel() == 0:
         return _fake_head(x, hc_fn, hc_scale, hc_base, norm_eps, hc_eps)
-    return _head(x.contiguous(), hc_fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), norm_eps, hc_eps)
+    return _head.run_as(key, x.contiguous(), hc_fn.contiguous(), hc_scale.contiguous(), hc_base.contiguous(), norm_eps, hc_eps)
