@@ -189,9 +189,17 @@ def _fake_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pendin
     )
 
 
+#: layouts (data pointer, shape, strides, dtype of every state tensor) already found free of overlap
+_DISJOINT_LAYOUTS: set = set()
+
+
 def _check_no_overlap(op: str, tensors: dict[str, torch.Tensor]) -> None:
     """State tensors are written back in place: none may alias itself (an expanded, stride-0
-    view) or another one."""
+    view) or another one. Whether they do is a function of their data pointers, shapes, strides
+    and dtypes alone, so a layout that passed once (a state reused step after step) is remembered."""
+    layout = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors.values())
+    if layout in _DISJOINT_LAYOUTS:
+        return
     spans = []
     for name, t in tensors.items():
         if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
@@ -207,6 +215,9 @@ def _check_no_overlap(op: str, tensors: dict[str, torch.Tensor]) -> None:
     for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise ValueError(f"{op}: state tensors {n0} and {n1} share memory; each must be a separate tensor")
+    if len(_DISJOINT_LAYOUTS) >= 4096:
+        _DISJOINT_LAYOUTS.clear()
+    _DISJOINT_LAYOUTS.add(layout)
 
 
 def _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score,
@@ -220,7 +231,7 @@ def _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pendi
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
         raise ValueError(f"{op}: eps must be a float >= 0, got {eps!r}")
     C.check_tensor(op, "x", x, ndim=3, dtypes=C.FLOAT_DTYPES)
-    bsz, s, d = x.shape
+    bsz, _, d = x.shape
     C.check_tensor(op, "norm_weight", norm_weight, ndim=1, dtypes=C.FLOAT_DTYPES)
     hd = norm_weight.shape[0]
     C.check_tensor(op, "freqs", freqs, ndim=1, dtypes=(torch.float32,))
@@ -259,12 +270,20 @@ def _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pendi
     C.check_same_device(op, x=x, wkv=wkv, wgate=wgate, ape=ape, norm_weight=norm_weight, freqs=freqs,
                         state=pending_kv, pending_score=pending_score, prev_kv=prev_kv, prev_score=prev_score,
                         n_tokens=n_tokens)
+
+
+def _check_compress_kv_state(x, wkv, wgate, ape, norm_weight, freqs, pending_kv, pending_score, prev_kv, prev_score,
+                             n_tokens, ratio, quant, eps, hf_rounding) -> None:
+    """The checks that depend on more than the argument signature: state aliasing (data pointers)
+    and the position counters' values."""
+    op = "compress_kv"
     _check_no_overlap(op, dict(pending_kv=pending_kv, pending_score=pending_score, prev_kv=prev_kv,
                                prev_score=prev_score, n_tokens=n_tokens))
     if C.value_checks_enabled(n_tokens) and n_tokens.numel():
         lo, hi = C.index_bounds(n_tokens)
         if lo < 0:
             raise ValueError(f"{op}: state.n_tokens must be >= 0, got min {lo}")
+        s = x.shape[1]
         if hi + s >= 2**62:
             raise ValueError(f"{op}: state.n_tokens + S must be < 2**62, got max {hi} + {s}")
 
@@ -278,6 +297,8 @@ _compress_kv = declare_op(
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _fake_compress_kv,
     check=_check_compress_kv,
+    value_check=_check_compress_kv_state,
+    memoize_checks=True,
 )
 
 
@@ -370,7 +391,7 @@ def compress_kv(
     """
     if not isinstance(state, CompressorState):
         raise TypeError(f"compress_kv: state must be a CompressorState, got {type(state).__name__}")
-    _check_compress_kv(x, wkv, wgate, ape, norm_weight, freqs, *state.tensors(), ratio, quant, eps, hf_rounding)
+    key = _compress_kv.validate(x, wkv, wgate, ape, norm_weight, freqs, *state.tensors(), ratio, quant, eps, hf_rounding)
     if overlap is None:
         overlap = default_overlap(ratio)
     C.check_bool("compress_kv", "overlap", overlap)
@@ -380,7 +401,8 @@ def compress_kv(
     hd = norm_weight.shape[0]
     if bsz == 0 or s == 0:
         return (x.new_zeros((bsz, (s + ratio - 1) // ratio, hd)), torch.zeros(bsz, dtype=torch.int32, device=x.device))
-    out = _compress_kv(
+    out = _compress_kv.run_as(
+        key,
         x.contiguous(), wkv.contiguous(), wgate.contiguous(), ape.contiguous(), norm_weight.contiguous(),
         freqs.contiguous(), *(t.contiguous() for t in state.tensors()), ratio, quant, float(eps), hf_rounding,
     )
