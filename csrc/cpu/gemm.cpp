@@ -102,12 +102,29 @@ constexpr int NV = NREG >= 32 ? 4 : 2;  // vectors per panel row
 constexpr int64_t NR = NV * VW;         // panel width (weight rows)
 constexpr int MR = 6;                   // activation rows per register tile
 
+// k block of a panel sweep: KC x NR fp32 of the panel (16 KB with AVX2, 32 KB with AVX-512)
+// stay in L1 while every MR-row tile of A passes over them.
+constexpr int64_t KC = 256;
+
+// C[r, :ncols] (+)= Σ_{k0 <= k < k1} A[r, k] · P[k, :] for R rows. k0 > 0 continues the FMA chain
+// from the partial sums stored in C by the previous k block (an exact fp32 store / reload), so
+// every output element still sees its products in k order, one FMA each.
 template <int R>
-void panel_tile(const float* A, int64_t lda, const float* P, int64_t K, float* C, int64_t ldc, int64_t ncols) {
+void panel_tile(const float* A, int64_t lda, const float* P, int64_t k0, int64_t k1, float* C, int64_t ldc,
+                int64_t ncols) {
   vf acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
+  for (int r = 0; r < R; ++r) {
+    if (k0 == 0) {
+      for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+    } else if (ncols == NR) {
+      for (int v = 0; v < NV; ++v) acc[r][v] = vload(C + r * ldc + v * VW);
+    } else {
+      float tmp[NR] = {};
+      for (int64_t j = 0; j < ncols; ++j) tmp[j] = C[r * ldc + j];
+      for (int v = 0; v < NV; ++v) acc[r][v] = vload(tmp + v * VW);
+    }
+  }
+  for (int64_t k = k0; k < k1; ++k) {
     vf b[NV];
     for (int v = 0; v < NV; ++v) b[v] = vload(P + k * NR + v * VW);
     for (int r = 0; r < R; ++r) {
@@ -128,17 +145,20 @@ void panel_tile(const float* A, int64_t lda, const float* P, int64_t K, float* C
 
 void panel_rows(const float* A, int64_t M, int64_t lda, const float* P, int64_t K, float* C, int64_t ldc,
                 int64_t ncols) {
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR) panel_tile<MR>(A + m * lda, lda, P, K, C + m * ldc, ldc, ncols);
-  const float* a = A + m * lda;
-  float* c = C + m * ldc;
-  switch (M - m) {
-    case 5: panel_tile<5>(a, lda, P, K, c, ldc, ncols); break;
-    case 4: panel_tile<4>(a, lda, P, K, c, ldc, ncols); break;
-    case 3: panel_tile<3>(a, lda, P, K, c, ldc, ncols); break;
-    case 2: panel_tile<2>(a, lda, P, K, c, ldc, ncols); break;
-    case 1: panel_tile<1>(a, lda, P, K, c, ldc, ncols); break;
-    default: break;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t k1 = std::min(K, k0 + KC);
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) panel_tile<MR>(A + m * lda, lda, P, k0, k1, C + m * ldc, ldc, ncols);
+    const float* a = A + m * lda;
+    float* c = C + m * ldc;
+    switch (M - m) {
+      case 5: panel_tile<5>(a, lda, P, k0, k1, c, ldc, ncols); break;
+      case 4: panel_tile<4>(a, lda, P, k0, k1, c, ldc, ncols); break;
+      case 3: panel_tile<3>(a, lda, P, k0, k1, c, ldc, ncols); break;
+      case 2: panel_tile<2>(a, lda, P, k0, k1, c, ldc, ncols); break;
+      case 1: panel_tile<1>(a, lda, P, k0, k1, c, ldc, ncols); break;
+      default: break;
+    }
   }
 }
 
