@@ -3,6 +3,7 @@
 // on FP8/FP4 weights compute straight from the packed bytes (gemm_direct, at the end); otherwise
 // each row is decoded to fp32 (with its block scales applied) right before it is used.
 #include <algorithm>
+#include <type_traits>
 
 #include "common.h"
 #include "kernels.h"
@@ -106,15 +107,16 @@ constexpr int MR = 6;                   // activation rows per register tile
 // stay in L1 while every MR-row tile of A passes over them.
 constexpr int64_t KC = 256;
 
-// C[r, :ncols] (+)= Σ_{k0 <= k < k1} A[r, k] · P[k, :] for R rows. k0 > 0 continues the FMA chain
-// from the partial sums stored in C by the previous k block (an exact fp32 store / reload), so
-// every output element still sees its products in k order, one FMA each.
+// C[r, :ncols] (+)= Σ_{k < kl} A[r, k] · P[k, :] for R rows (A and P start at the block's first
+// k). `first` = false continues the FMA chain from the partial sums the previous k block stored
+// in C (an exact fp32 store / reload), so every output element still sees its products in k
+// order, one FMA each, whatever the blocking.
 template <int R>
-void panel_tile(const float* A, int64_t lda, const float* P, int64_t k0, int64_t k1, float* C, int64_t ldc,
-                int64_t ncols) {
+void panel_tile(const float* A, int64_t lda, const float* P, int64_t kl, float* C, int64_t ldc, int64_t ncols,
+                bool first) {
   vf acc[R][NV];
   for (int r = 0; r < R; ++r) {
-    if (k0 == 0) {
+    if (first) {
       for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
     } else if (ncols == NR) {
       for (int v = 0; v < NV; ++v) acc[r][v] = vload(C + r * ldc + v * VW);
@@ -124,7 +126,7 @@ void panel_tile(const float* A, int64_t lda, const float* P, int64_t k0, int64_t
       for (int v = 0; v < NV; ++v) acc[r][v] = vload(tmp + v * VW);
     }
   }
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t k = 0; k < kl; ++k) {
     vf b[NV];
     for (int v = 0; v < NV; ++v) b[v] = vload(P + k * NR + v * VW);
     for (int r = 0; r < R; ++r) {
@@ -143,61 +145,121 @@ void panel_tile(const float* A, int64_t lda, const float* P, int64_t k0, int64_t
   }
 }
 
-void panel_rows(const float* A, int64_t M, int64_t lda, const float* P, int64_t K, float* C, int64_t ldc,
-                int64_t ncols) {
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t k1 = std::min(K, k0 + KC);
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR) panel_tile<MR>(A + m * lda, lda, P, k0, k1, C + m * ldc, ldc, ncols);
-    const float* a = A + m * lda;
-    float* c = C + m * ldc;
+// All M rows of A over one k block of np panels (panel q: [kl x NR] at P + q·pstride, output
+// columns n0 + q·NR, nc[q] of them valid). Each MR-row tile of A passes over all np panels while
+// it sits in L1, so A streams from memory once per np panels.
+void panel_rows(const float* A, int64_t M, int64_t lda, const float* P, int64_t pstride, int np, int64_t kl,
+                float* C, int64_t ldc, const int64_t* nc, bool first) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR)
+    for (int q = 0; q < np; ++q)
+      panel_tile<MR>(A + m * lda, lda, P + q * pstride, kl, C + m * ldc + q * NR, ldc, nc[q], first);
+  const float* a = A + m * lda;
+  float* c = C + m * ldc;
+  for (int q = 0; q < np; ++q) {
+    const float* pq = P + q * pstride;
+    float* cq = c + q * NR;
     switch (M - m) {
-      case 5: panel_tile<5>(a, lda, P, k0, k1, c, ldc, ncols); break;
-      case 4: panel_tile<4>(a, lda, P, k0, k1, c, ldc, ncols); break;
-      case 3: panel_tile<3>(a, lda, P, k0, k1, c, ldc, ncols); break;
-      case 2: panel_tile<2>(a, lda, P, k0, k1, c, ldc, ncols); break;
-      case 1: panel_tile<1>(a, lda, P, k0, k1, c, ldc, ncols); break;
+      case 5: panel_tile<5>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
+      case 4: panel_tile<4>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
+      case 3: panel_tile<3>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
+      case 2: panel_tile<2>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
+      case 1: panel_tile<1>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
       default: break;
     }
   }
 }
 
+// P[k, i] = W_e[n0 + i, k0 + k] for k < kl, i < NR (zero for i >= nc) from a float-stored weight:
+// read row by row, written into the L1-resident k block.
+template <typename T>
+void pack_block(const T* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
+  for (int64_t i = 0; i < NR; ++i) {
+    if (i < nc) {
+      const T* src = rows + i * ld;
+      for (int64_t k = 0; k < kl; ++k) {
+        if constexpr (std::is_same_v<T, float>) {
+          P[k * NR + i] = src[k];
+        } else if constexpr (std::is_same_v<T, uint16_t>) {
+          P[k * NR + i] = bf16_to_f32(src[k]);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < kl; ++k) P[k * NR + i] = 0.f;
+    }
+  }
+}
+
+void pack_block_f16(const uint16_t* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
+  for (int64_t i = 0; i < NR; ++i)
+    for (int64_t k = 0; k < kl; ++k) P[k * NR + i] = i < nc ? f16_to_f32(rows[i * ld + k]) : 0.f;
+}
+
 }  // namespace
 
 void gemm_panels(const GemmJob* jobs, int njobs) {
-  std::vector<int64_t> first(njobs + 1, 0);  // first panel index of each job
-  for (int j = 0; j < njobs; ++j) first[j + 1] = first[j] + (jobs[j].w.rows + NR - 1) / NR;
+  constexpr int PU = 4;  // panels per work unit (NR·PU weight rows)
+  std::vector<int64_t> first(njobs + 1, 0);  // first unit index of each job
+  for (int j = 0; j < njobs; ++j) first[j + 1] = first[j] + (jobs[j].w.rows + NR * PU - 1) / (NR * PU);
   const int64_t total = first[njobs];
   if (total == 0) return;
-  int64_t work = 0;
-  for (int j = 0; j < njobs; ++j) work += jobs[j].M * jobs[j].w.rows * jobs[j].w.cols;
+  int64_t work = 0, kmax = 0;
+  for (int j = 0; j < njobs; ++j) {
+    work += jobs[j].M * jobs[j].w.rows * jobs[j].w.cols;
+    kmax = std::max(kmax, jobs[j].w.cols);
+  }
 #pragma omp parallel if (work > (int64_t(1) << 18))
   {
     Scratch ps, rs;
     float* panel = nullptr;
     float* row = nullptr;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < total; ++p) {
+    for (int64_t u = 0; u < total; ++u) {
       int j = 0;
-      while (first[j + 1] <= p) ++j;
+      while (first[j + 1] <= u) ++j;
       const GemmJob& jb = jobs[j];
-      const int64_t K = jb.w.cols, n0 = (p - first[j]) * NR, nc = std::min<int64_t>(NR, jb.w.rows - n0);
       if (jb.M == 0) continue;
-      if (!panel) {
-        int64_t kmax = 0;
-        for (int i = 0; i < njobs; ++i) kmax = std::max(kmax, jobs[i].w.cols);
-        panel = ps.get(kmax * NR);
-        row = rs.get(kmax);
+      const int64_t K = jb.w.cols, n0 = (u - first[j]) * NR * PU;
+      int64_t nc[PU];
+      int np = 0;
+      for (; np < PU && n0 + np * NR < jb.w.rows; ++np) nc[np] = std::min<int64_t>(NR, jb.w.rows - n0 - np * NR);
+      const int kind = jb.w.kind;
+      if (kind == W_FP8 || kind == W_FP4) {  // whole rows decoded (block scales), then the k blocks
+        if (!row) row = rs.get(kmax);
+        float* pn = ps.get(PU * kmax * NR);
+        for (int q = 0; q < np; ++q)
+          for (int64_t i = 0; i < NR; ++i) {
+            float* pq = pn + q * K * NR;
+            if (i < nc[q]) {
+              decode_weight_row(jb.w, jb.e, n0 + q * NR + i, row);
+              for (int64_t k = 0; k < K; ++k) pq[k * NR + i] = row[k];
+            } else {
+              for (int64_t k = 0; k < K; ++k) pq[k * NR + i] = 0.f;
+            }
+          }
+        for (int64_t k0 = 0; k0 < K; k0 += KC)
+          panel_rows(jb.A + k0, jb.M, jb.lda, pn + k0 * NR, K * NR, np, std::min(KC, K - k0), jb.C + n0, jb.ldc, nc,
+                     k0 == 0);
+        continue;
       }
-      for (int64_t i = 0; i < NR; ++i) {
-        if (i < nc) {
-          decode_weight_row(jb.w, jb.e, n0 + i, row);
-          for (int64_t k = 0; k < K; ++k) panel[k * NR + i] = row[k];
-        } else {
-          for (int64_t k = 0; k < K; ++k) panel[k * NR + i] = 0.f;
+      // float weights: each k block of the unit's panels is packed right before the M rows sweep it
+      if (!panel) panel = ps.get(PU * KC * NR);
+      const int64_t es = jb.w.expert_stride ? jb.w.expert_stride : jb.w.rows * K;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kl = std::min(KC, K - k0);
+        for (int q = 0; q < np; ++q) {
+          const int64_t off = jb.e * es + (n0 + q * NR) * K + k0;
+          float* pq = panel + q * KC * NR;
+          if (kind == F32) {
+            pack_block(static_cast<const float*>(jb.w.data) + off, K, nc[q], kl, pq);
+          } else if (kind == BF16) {
+            pack_block(static_cast<const uint16_t*>(jb.w.data) + off, K, nc[q], kl, pq);
+          } else {
+            pack_block_f16(static_cast<const uint16_t*>(jb.w.data) + off, K, nc[q], kl, pq);
+          }
         }
+        panel_rows(jb.A + k0, jb.M, jb.lda, panel, KC * NR, np, kl, jb.C + n0, jb.ldc, nc, k0 == 0);
       }
-      panel_rows(jb.A, jb.M, jb.lda, panel, K, jb.C + n0, jb.ldc, nc);
     }
   }
 }
