@@ -190,6 +190,42 @@ void pack_block(const T* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
   }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// pack_block for fp32 rows on AVX2 (NR = 16): 8x8 blocks transposed in registers, so packing
+// costs a few shuffles per 8 weights instead of one scattered store per weight (it is most of
+// the work when M is small, e.g. the experts of a decode step). Same values as pack_block.
+void pack_block_f32_avx2(const float* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
+  static_assert(NR == 16, "two 8-row halves per panel");
+  if (nc < NR || kl % 8 != 0) {
+    pack_block(rows, ld, nc, kl, P);
+    return;
+  }
+  for (int h = 0; h < 2; ++h) {
+    const float* r0 = rows + 8 * h * ld;
+    for (int64_t k = 0; k < kl; k += 8) {
+      __m256 t[8], u[8];
+      for (int i = 0; i < 8; ++i) t[i] = _mm256_loadu_ps(r0 + i * ld + k);
+      for (int i = 0; i < 8; i += 2) {
+        u[i] = _mm256_unpacklo_ps(t[i], t[i + 1]);
+        u[i + 1] = _mm256_unpackhi_ps(t[i], t[i + 1]);
+      }
+      // u0 = a0 b0 a1 b1 | a4 b4 a5 b5, u1 = a2 b2 a3 b3 | a6 b6 a7 b7 (rows a, b = 0, 1), ...
+      for (int i = 0; i < 8; i += 4) {
+        t[i] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        t[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        t[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        t[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      // t0..t3: columns 0,1,2,3 | 4,5,6,7 of rows 0-3; t4..t7: the same for rows 4-7
+      for (int c = 0; c < 4; ++c) {
+        _mm256_storeu_ps(P + (k + c) * NR + 8 * h, _mm256_permute2f128_ps(t[c], t[4 + c], 0x20));
+        _mm256_storeu_ps(P + (k + 4 + c) * NR + 8 * h, _mm256_permute2f128_ps(t[c], t[4 + c], 0x31));
+      }
+    }
+  }
+}
+#endif
+
 void pack_block_f16(const uint16_t* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
   for (int64_t i = 0; i < NR; ++i)
     for (int64_t k = 0; k < kl; ++k) P[k * NR + i] = i < nc ? f16_to_f32(rows[i * ld + k]) : 0.f;
@@ -251,7 +287,11 @@ void gemm_panels(const GemmJob* jobs, int njobs) {
           const int64_t off = jb.e * es + (n0 + q * NR) * K + k0;
           float* pq = panel + q * KC * NR;
           if (kind == F32) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+            pack_block_f32_avx2(static_cast<const float*>(jb.w.data) + off, K, nc[q], kl, pq);
+#else
             pack_block(static_cast<const float*>(jb.w.data) + off, K, nc[q], kl, pq);
+#endif
           } else if (kind == BF16) {
             pack_block(static_cast<const uint16_t*>(jb.w.data) + off, K, nc[q], kl, pq);
           } else {
