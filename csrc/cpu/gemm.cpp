@@ -191,20 +191,27 @@ void pack_block(const T* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
 }
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// pack_block for fp32 rows on AVX2 (NR = 16): 8x8 blocks transposed in registers, so packing
+// pack_block for fp32 / bf16 rows on AVX2 (NR = 16): 8x8 blocks transposed in registers, so packing
 // costs a few shuffles per 8 weights instead of one scattered store per weight (it is most of
 // the work when M is small, e.g. the experts of a decode step). Same values as pack_block.
-void pack_block_f32_avx2(const float* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32: the 16 bits shifted into the high half
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+template <typename T>
+void pack_block_avx2(const T* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
   static_assert(NR == 16, "two 8-row halves per panel");
   if (nc < NR || kl % 8 != 0) {
     pack_block(rows, ld, nc, kl, P);
     return;
   }
   for (int h = 0; h < 2; ++h) {
-    const float* r0 = rows + 8 * h * ld;
+    const T* r0 = rows + 8 * h * ld;
     for (int64_t k = 0; k < kl; k += 8) {
       __m256 t[8], u[8];
-      for (int i = 0; i < 8; ++i) t[i] = _mm256_loadu_ps(r0 + i * ld + k);
+      for (int i = 0; i < 8; ++i) t[i] = load8(r0 + i * ld + k);
       for (int i = 0; i < 8; i += 2) {
         u[i] = _mm256_unpacklo_ps(t[i], t[i + 1]);
         u[i + 1] = _mm256_unpackhi_ps(t[i], t[i + 1]);
@@ -288,12 +295,16 @@ void gemm_panels(const GemmJob* jobs, int njobs) {
           float* pq = panel + q * KC * NR;
           if (kind == F32) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-            pack_block_f32_avx2(static_cast<const float*>(jb.w.data) + off, K, nc[q], kl, pq);
+            pack_block_avx2(static_cast<const float*>(jb.w.data) + off, K, nc[q], kl, pq);
 #else
             pack_block(static_cast<const float*>(jb.w.data) + off, K, nc[q], kl, pq);
 #endif
           } else if (kind == BF16) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+            pack_block_avx2(static_cast<const uint16_t*>(jb.w.data) + off, K, nc[q], kl, pq);
+#else
             pack_block(static_cast<const uint16_t*>(jb.w.data) + off, K, nc[q], kl, pq);
+#endif
           } else {
             pack_block_f16(static_cast<const uint16_t*>(jb.w.data) + off, K, nc[q], kl, pq);
           }
