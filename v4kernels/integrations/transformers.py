@@ -252,6 +252,14 @@ def _compress(comp: torch.nn.Module, x: torch.Tensor, rot: torch.nn.Module, cach
     return cache_layer.v4k_append(name, new)
 
 
+def _rope_tail(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> None:
+    """``x = apply_rope(x, ...)`` in place on a fresh per-head tensor ``x`` [B, S, H, D]: only the
+    trailing ``2·len(freqs)`` rotary dims go through ``apply_rope`` (it leaves the others as they
+    are), so the ``D - rope`` leading dims are not copied (at V4 widths 448 of 512)."""
+    r = 2 * freqs.shape[0]
+    x[..., x.shape[-1] - r :] = v4k.apply_rope(x[..., x.shape[-1] - r :], pos, freqs, inverse=inverse, round_tables=True)
+
+
 def _attention_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -336,10 +344,10 @@ def _attention_forward(
         c1 = min(s, c0 + _Q_CHUNK)
         q = self.q_b_proj(q_res[:, c0:c1]).view(b, c1 - c0, h, hd)
         q = v4k.rms_norm(q, None, eps, hf_rounding=True)
-        q = v4k.apply_rope(q, pos[:, c0:c1], freqs, round_tables=True)
+        _rope_tail(q, pos[:, c0:c1], freqs, inverse=False)
         o = v4k.sparse_attn(q, kvbuf, sinks, idx[:, c0:c1], self.scaling)
         del q
-        o = v4k.apply_rope(o, pos[:, c0:c1], freqs, inverse=True, round_tables=True)
+        _rope_tail(o, pos[:, c0:c1], freqs, inverse=True)
         o = v4k.grouped_linear(o.reshape(b, c1 - c0, g, -1), wa).flatten(2)
         outs.append(self.o_b_proj(o))
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
