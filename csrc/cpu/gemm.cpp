@@ -241,9 +241,16 @@ void pack_block_f16(const uint16_t* rows, int64_t ld, int64_t nc, int64_t kl, fl
 }  // namespace
 
 void gemm_panels(const GemmJob* jobs, int njobs) {
-  constexpr int PU = 4;  // panels per work unit (NR·PU weight rows)
-  std::vector<int64_t> first(njobs + 1, 0);  // first unit index of each job
-  for (int j = 0; j < njobs; ++j) first[j + 1] = first[j] + (jobs[j].w.rows + NR * PU - 1) / (NR * PU);
+  // Work unit = NR·PU weight rows x at most MB rows of A: small enough that the last units of a
+  // call end close together (a thread that loses its core for a while holds back one small unit,
+  // not a share of the call), large enough that packing the weight block is a few % of the unit.
+  constexpr int PU = 4;        // panels per work unit
+  constexpr int64_t MB = 288;  // rows of A per work unit (a multiple of MR)
+  std::vector<int64_t> first(njobs + 1, 0), nmb(njobs);  // first unit index / row blocks of each job
+  for (int j = 0; j < njobs; ++j) {
+    nmb[j] = (jobs[j].M + MB - 1) / MB;
+    first[j + 1] = first[j] + (jobs[j].w.rows + NR * PU - 1) / (NR * PU) * nmb[j];
+  }
   const int64_t total = first[njobs];
   if (total == 0) return;
   int64_t work = 0, kmax = 0;
@@ -260,9 +267,13 @@ void gemm_panels(const GemmJob* jobs, int njobs) {
     for (int64_t u = 0; u < total; ++u) {
       int j = 0;
       while (first[j + 1] <= u) ++j;
-      const GemmJob& jb = jobs[j];
-      if (jb.M == 0) continue;
-      const int64_t K = jb.w.cols, n0 = (u - first[j]) * NR * PU;
+      const GemmJob& jb0 = jobs[j];
+      const int64_t rg = (u - first[j]) / nmb[j], m0 = (u - first[j]) % nmb[j] * MB;
+      GemmJob jb = jb0;  // this unit's rows of A and C
+      jb.A = jb0.A + m0 * jb0.lda;
+      jb.C = jb0.C + m0 * jb0.ldc;
+      jb.M = std::min(MB, jb0.M - m0);
+      const int64_t K = jb.w.cols, n0 = rg * NR * PU;
       int64_t nc[PU];
       int np = 0;
       for (; np < PU && n0 + np * NR < jb.w.rows; ++np) nc[np] = std::min<int64_t>(NR, jb.w.rows - n0 - np * NR);

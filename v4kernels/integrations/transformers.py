@@ -58,8 +58,6 @@ _CSA, _HCA, _SWA = "compressed_sparse_attention", "heavily_compressed_attention"
 _IMPL = "v4kernels"
 #: queries per chunk of the attention's per-head work (q projection, norm, rope, sparse_attn, output)
 _Q_CHUNK = 1024
-#: half-precision linears with at most this many rows stream their weight (grouped_linear)
-_LINEAR_STREAM_ROWS = 64
 #: per-forward-call context set by the model wrapper: {"pad": [B, L] bool or None}
 _CALL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("v4k_hf_call", default=None)
 
@@ -373,19 +371,16 @@ def _hyper_head_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A bias-free bf16/fp16 ``nn.Linear`` as HF computes it — fp32 accumulation, one rounding to
-    ``x.dtype`` — without torch's slow half-precision CPU GEMM: up to ``_LINEAR_STREAM_ROWS``
-    rows (decode) ``grouped_linear`` with one group streams the half-precision weight once;
-    more rows (prefill) run one fp32 GEMM on the weight converted for this call (a transient
-    fp32 copy of one layer's weight). fp32 layers and non-CPU devices keep torch's GEMM."""
+    ``x.dtype`` — without torch's slow half-precision CPU GEMM: ``grouped_linear`` with one group
+    reads the half-precision weight in place (streamed once at decode, decoded one cache-resident
+    block at a time at prefill; no fp32 copy of the weight). fp32 layers and non-CPU devices keep
+    torch's GEMM."""
     w = self.weight
     if (w.dtype == torch.float32 and x.dtype == torch.float32) or x.device.type != "cpu":
         return torch.nn.functional.linear(x, w)  # accelerators: their own half-precision GEMM
     if x.dtype != w.dtype:
         raise TypeError(f"v4kernels linear: input dtype {x.dtype} != weight dtype {w.dtype} (HF would fail the same way)")
     lead = x.shape[:-1]
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows > _LINEAR_STREAM_ROWS:
-        return torch.nn.functional.linear(x.float(), w.float()).to(x.dtype)
     out = v4k.grouped_linear(x.reshape(1, -1, 1, x.shape[-1]), w.unsqueeze(0))
     return out.view(*lead, w.shape[0])
 
@@ -499,8 +494,8 @@ def apply(model: torch.nn.Module, *, attention: bool = True, mhc: bool = True, m
     norm : every RMSNorm (weighted and unweighted)
     linear : the model's plain bias-free ``nn.Linear`` layers (q/kv/o projections, indexer,
         shared expert, ``lm_head``) when their weights are bf16/fp16: fp32 accumulation and one
-        rounding (as HF) without torch's slow half-precision CPU GEMM (``grouped_linear`` at
-        decode, one fp32 GEMM per call at prefill); fp32 layers keep torch's GEMM
+        rounding (as HF) without torch's slow half-precision CPU GEMM (``grouped_linear``, which
+        reads the half-precision weight in place); fp32 layers keep torch's GEMM
 
     Raises
     ------
