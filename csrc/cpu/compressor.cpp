@@ -77,8 +77,7 @@ void compress_kv(const CompressArgs& a) {
 
   // fp32 projections [B·S, 2W]: kv columns then score columns (SPEC §6.2)
   std::vector<float> xf(B * S * D), proj(B * S * W2);
-  const bool par = B * S * W2 * D > (int64_t(1) << 18);
-#pragma omp parallel for schedule(static) if (par)
+#pragma omp parallel for schedule(static) if (B * S * D > (int64_t(1) << 18))
   for (int64_t t = 0; t < B * S; ++t) load_row(static_cast<const char*>(a.x) + t * D * xes, a.x_dtype, xf.data() + t * D, D);
   const GemmJob jobs[2] = {{xf.data(), B * S, D, a.wkv, 0, proj.data(), W2}, {xf.data(), B * S, D, a.wgate, 0, proj.data() + W, W2}};
   gemm_panels(jobs, 2);

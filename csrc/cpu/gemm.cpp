@@ -258,7 +258,10 @@ void gemm_panels(const GemmJob* jobs, int njobs) {
     work += jobs[j].M * jobs[j].w.rows * jobs[j].w.cols;
     kmax = std::max(kmax, jobs[j].w.cols);
   }
-#pragma omp parallel if (work > (int64_t(1) << 18))
+  // Below ~16M multiply-adds (a decode step's projections: a few ms on one thread) the call stays
+  // on this thread: a fork/join gains little there and, when a core is shared with another
+  // process, waits for a descheduled worker far longer than the GEMM itself takes.
+#pragma omp parallel if (work >= (int64_t(1) << 24))
   {
     Scratch ps, rs;
     float* panel = nullptr;
