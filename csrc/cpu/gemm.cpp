@@ -3,6 +3,7 @@
 // on FP8/FP4 weights compute straight from the packed bytes (gemm_direct, at the end); otherwise
 // each row is decoded to fp32 (with its block scales applied) right before it is used.
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 
 #include "common.h"
@@ -662,19 +663,20 @@ void grouped_linear(const void* x, int x_dtype, const void* w, int w_dtype, int6
                     int64_t N, void* out) {
   const int64_t rows = T * G;
   if (rows == 0 || N == 0) return;
-  std::vector<float> xbuf, obuf;
+  // uninitialised: no serial zero fill of up to T·G·K floats; the parallel loops below touch them first
+  std::unique_ptr<float[]> xbuf, obuf;
   const float* xf = static_cast<const float*>(x);
   if (x_dtype != F32) {
-    xbuf.resize(rows * K);
+    xbuf.reset(new float[rows * K]);
 #pragma omp parallel for schedule(static) if (rows * K > (int64_t(1) << 16))
     for (int64_t i = 0; i < rows; ++i)
-      load_row(static_cast<const char*>(x) + i * K * elem_size(x_dtype), x_dtype, xbuf.data() + i * K, K);
-    xf = xbuf.data();
+      load_row(static_cast<const char*>(x) + i * K * elem_size(x_dtype), x_dtype, xbuf.get() + i * K, K);
+    xf = xbuf.get();
   }
   float* of = static_cast<float*>(out);
   if (x_dtype != F32) {
-    obuf.resize(rows * N);
-    of = obuf.data();
+    obuf.reset(new float[rows * N]);
+    of = obuf.get();
   }
   if (T < kGroupedDirectMaxT) {
     if (w_dtype == F32) {
