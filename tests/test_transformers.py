@@ -468,7 +468,7 @@ def test_hf_variant_linear_bf16():
         with v4k.track_usage() as usage:
             out = v4k_hf._linear_forward(lin, x)  # 21 rows: streamed by grouped_linear
         big = torch.randn(2, 50, 256, generator=g).to(BF)
-        out_big, ref_big = v4k_hf._linear_forward(lin, big), lin(big)  # 100 rows: one fp32 GEMM
+        out_big, ref_big = v4k_hf._linear_forward(lin, big), lin(big)  # 100 rows: grouped_linear's panel GEMM
     assert out.dtype == BF and out.shape == ref.shape
     assert usage.get(("grouped_linear", "cpu"), 0) == 1, usage
     assert bool((_ulps(out, ref) <= 1).all()) and bool((_ulps(out_big, ref_big) <= 1).all())

@@ -56,7 +56,19 @@ static inline vf vfma(vf a, vf b, vf c) {
 #endif
 }
 static inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-static inline vf vbcast(float x) { return vf{} + x; }
+// x in every lane. (Not `vf{} + x`: without -fno-signed-zeros that is a real scalar add before
+// the broadcast, and it turns -0 into +0; set1 broadcasts straight from memory.)
+static inline vf vbcast(float x) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return (vf)_mm256_set1_ps(x);
+#else
+  vf v;
+  for (int i = 0; i < VW; ++i) v[i] = x;
+  return v;
+#endif
+}
 static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 static inline float vsum(vf v) {
   float s = 0.f;

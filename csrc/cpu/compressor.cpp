@@ -7,6 +7,7 @@
 // give bit-identical entries and state. The state is written in the reference's canonical form:
 // pending slots outside the open window hold kv 0 and score −inf.
 #include <algorithm>
+#include <memory>
 
 #include "common.h"
 #include "kernels.h"
@@ -76,19 +77,21 @@ void compress_kv(const CompressArgs& a) {
   const float ninf = -std::numeric_limits<float>::infinity();
 
   // fp32 projections [B·S, 2W]: kv columns then score columns (SPEC §6.2)
-  std::vector<float> xf(B * S * D), proj(B * S * W2);
-  const bool par = B * S * W2 * D > (int64_t(1) << 18);
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < B * S; ++t) load_row(static_cast<const char*>(a.x) + t * D * xes, a.x_dtype, xf.data() + t * D, D);
-  const GemmJob jobs[2] = {{xf.data(), B * S, D, a.wkv, 0, proj.data(), W2}, {xf.data(), B * S, D, a.wgate, 0, proj.data() + W, W2}};
+  // uninitialised (every element is written below before it is read): no serial zero fill
+  std::unique_ptr<float[]> xf_buf(new float[B * S * D]), proj_buf(new float[B * S * W2]);
+  float* const xf = xf_buf.get();
+  float* const proj = proj_buf.get();
+#pragma omp parallel for schedule(static) if (B * S * D > (int64_t(1) << 18))
+  for (int64_t t = 0; t < B * S; ++t) load_row(static_cast<const char*>(a.x) + t * D * xes, a.x_dtype, xf + t * D, D);
+  const GemmJob jobs[2] = {{xf, B * S, D, a.wkv, 0, proj, W2}, {xf, B * S, D, a.wgate, 0, proj + W, W2}};
   gemm_panels(jobs, 2);
   // [HF]: the kv / gate projections are nn.Linear outputs in the model dtype (before the bias)
-  if (a.hf_rounding) round_through(proj.data(), a.x_dtype, B * S * W2);
+  if (a.hf_rounding) round_through(proj, a.x_dtype, B * S * W2);
   std::vector<int64_t> nwin(B), first(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n0 = a.n_tokens[b], k = n0 % m;
     for (int64_t i = 0; i < S; ++i) {
-      float* sc = proj.data() + (b * S + i) * W2 + W;
+      float* sc = proj + (b * S + i) * W2 + W;
       const float* ape = a.ape + ((n0 + i) % m) * W;
       for (int64_t c = 0; c < W; ++c) sc[c] += ape[c];
     }
@@ -99,11 +102,11 @@ void compress_kv(const CompressArgs& a) {
   // r < k, else projected token r − k.
   auto kv_row = [&](int64_t b, int64_t r) -> const float* {
     const int64_t k = a.n_tokens[b] % m;
-    return r < k ? a.pkv_in + (b * m + r) * W : proj.data() + (b * S + r - k) * W2;
+    return r < k ? a.pkv_in + (b * m + r) * W : proj + (b * S + r - k) * W2;
   };
   auto sc_row = [&](int64_t b, int64_t r) -> const float* {
     const int64_t k = a.n_tokens[b] % m;
-    return r < k ? a.psc_in + (b * m + r) * W : proj.data() + (b * S + r - k) * W2 + W;
+    return r < k ? a.psc_in + (b * m + r) * W : proj + (b * S + r - k) * W2 + W;
   };
 
   std::fill(static_cast<char*>(a.entries), static_cast<char*>(a.entries) + B * R * hd * xes, 0);

@@ -3,6 +3,8 @@
 // on FP8/FP4 weights compute straight from the packed bytes (gemm_direct, at the end); otherwise
 // each row is decoded to fp32 (with its block scales applied) right before it is used.
 #include <algorithm>
+#include <memory>
+#include <type_traits>
 
 #include "common.h"
 #include "kernels.h"
@@ -102,12 +104,30 @@ constexpr int NV = NREG >= 32 ? 4 : 2;  // vectors per panel row
 constexpr int64_t NR = NV * VW;         // panel width (weight rows)
 constexpr int MR = 6;                   // activation rows per register tile
 
+// k block of a panel sweep: KC x NR fp32 of the panel (16 KB with AVX2, 32 KB with AVX-512)
+// stay in L1 while every MR-row tile of A passes over them.
+constexpr int64_t KC = 256;
+
+// C[r, :ncols] (+)= Σ_{k < kl} A[r, k] · P[k, :] for R rows (A and P start at the block's first
+// k). `first` = false continues the FMA chain from the partial sums the previous k block stored
+// in C (an exact fp32 store / reload), so every output element still sees its products in k
+// order, one FMA each, whatever the blocking.
 template <int R>
-void panel_tile(const float* A, int64_t lda, const float* P, int64_t K, float* C, int64_t ldc, int64_t ncols) {
+void panel_tile(const float* A, int64_t lda, const float* P, int64_t kl, float* C, int64_t ldc, int64_t ncols,
+                bool first) {
   vf acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
+  for (int r = 0; r < R; ++r) {
+    if (first) {
+      for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+    } else if (ncols == NR) {
+      for (int v = 0; v < NV; ++v) acc[r][v] = vload(C + r * ldc + v * VW);
+    } else {
+      float tmp[NR] = {};
+      for (int64_t j = 0; j < ncols; ++j) tmp[j] = C[r * ldc + j];
+      for (int v = 0; v < NV; ++v) acc[r][v] = vload(tmp + v * VW);
+    }
+  }
+  for (int64_t k = 0; k < kl; ++k) {
     vf b[NV];
     for (int v = 0; v < NV; ++v) b[v] = vload(P + k * NR + v * VW);
     for (int r = 0; r < R; ++r) {
@@ -126,58 +146,186 @@ void panel_tile(const float* A, int64_t lda, const float* P, int64_t K, float* C
   }
 }
 
-void panel_rows(const float* A, int64_t M, int64_t lda, const float* P, int64_t K, float* C, int64_t ldc,
-                int64_t ncols) {
+// All M rows of A over one k block of np panels (panel q: [kl x NR] at P + q·pstride, output
+// columns n0 + q·NR, nc[q] of them valid). Each MR-row tile of A passes over all np panels while
+// it sits in L1, so A streams from memory once per np panels.
+void panel_rows(const float* A, int64_t M, int64_t lda, const float* P, int64_t pstride, int np, int64_t kl,
+                float* C, int64_t ldc, const int64_t* nc, bool first) {
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) panel_tile<MR>(A + m * lda, lda, P, K, C + m * ldc, ldc, ncols);
+  for (; m + MR <= M; m += MR)
+    for (int q = 0; q < np; ++q)
+      panel_tile<MR>(A + m * lda, lda, P + q * pstride, kl, C + m * ldc + q * NR, ldc, nc[q], first);
   const float* a = A + m * lda;
   float* c = C + m * ldc;
-  switch (M - m) {
-    case 5: panel_tile<5>(a, lda, P, K, c, ldc, ncols); break;
-    case 4: panel_tile<4>(a, lda, P, K, c, ldc, ncols); break;
-    case 3: panel_tile<3>(a, lda, P, K, c, ldc, ncols); break;
-    case 2: panel_tile<2>(a, lda, P, K, c, ldc, ncols); break;
-    case 1: panel_tile<1>(a, lda, P, K, c, ldc, ncols); break;
-    default: break;
+  for (int q = 0; q < np; ++q) {
+    const float* pq = P + q * pstride;
+    float* cq = c + q * NR;
+    switch (M - m) {
+      case 5: panel_tile<5>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
+      case 4: panel_tile<4>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
+      case 3: panel_tile<3>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
+      case 2: panel_tile<2>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
+      case 1: panel_tile<1>(a, lda, pq, kl, cq, ldc, nc[q], first); break;
+      default: break;
+    }
   }
+}
+
+// P[k, i] = W_e[n0 + i, k0 + k] for k < kl, i < NR (zero for i >= nc) from a float-stored weight:
+// read row by row, written into the L1-resident k block.
+template <typename T>
+void pack_block(const T* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
+  for (int64_t i = 0; i < NR; ++i) {
+    if (i < nc) {
+      const T* src = rows + i * ld;
+      for (int64_t k = 0; k < kl; ++k) {
+        if constexpr (std::is_same_v<T, float>) {
+          P[k * NR + i] = src[k];
+        } else if constexpr (std::is_same_v<T, uint16_t>) {
+          P[k * NR + i] = bf16_to_f32(src[k]);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < kl; ++k) P[k * NR + i] = 0.f;
+    }
+  }
+}
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// pack_block for fp32 / bf16 rows on AVX2 (NR = 16): 8x8 blocks transposed in registers, so packing
+// costs a few shuffles per 8 weights instead of one scattered store per weight (it is most of
+// the work when M is small, e.g. the experts of a decode step). Same values as pack_block.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32: the 16 bits shifted into the high half
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+template <typename T>
+void pack_block_avx2(const T* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
+  static_assert(NR == 16, "two 8-row halves per panel");
+  if (nc < NR || kl % 8 != 0) {
+    pack_block(rows, ld, nc, kl, P);
+    return;
+  }
+  for (int h = 0; h < 2; ++h) {
+    const T* r0 = rows + 8 * h * ld;
+    for (int64_t k = 0; k < kl; k += 8) {
+      __m256 t[8], u[8];
+      for (int i = 0; i < 8; ++i) t[i] = load8(r0 + i * ld + k);
+      for (int i = 0; i < 8; i += 2) {
+        u[i] = _mm256_unpacklo_ps(t[i], t[i + 1]);
+        u[i + 1] = _mm256_unpackhi_ps(t[i], t[i + 1]);
+      }
+      // u0 = a0 b0 a1 b1 | a4 b4 a5 b5, u1 = a2 b2 a3 b3 | a6 b6 a7 b7 (rows a, b = 0, 1), ...
+      for (int i = 0; i < 8; i += 4) {
+        t[i] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        t[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        t[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        t[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      // t0..t3: columns 0,1,2,3 | 4,5,6,7 of rows 0-3; t4..t7: the same for rows 4-7
+      for (int c = 0; c < 4; ++c) {
+        _mm256_storeu_ps(P + (k + c) * NR + 8 * h, _mm256_permute2f128_ps(t[c], t[4 + c], 0x20));
+        _mm256_storeu_ps(P + (k + 4 + c) * NR + 8 * h, _mm256_permute2f128_ps(t[c], t[4 + c], 0x31));
+      }
+    }
+  }
+}
+#endif
+
+void pack_block_f16(const uint16_t* rows, int64_t ld, int64_t nc, int64_t kl, float* P) {
+  for (int64_t i = 0; i < NR; ++i)
+    for (int64_t k = 0; k < kl; ++k) P[k * NR + i] = i < nc ? f16_to_f32(rows[i * ld + k]) : 0.f;
 }
 
 }  // namespace
 
 void gemm_panels(const GemmJob* jobs, int njobs) {
-  std::vector<int64_t> first(njobs + 1, 0);  // first panel index of each job
-  for (int j = 0; j < njobs; ++j) first[j + 1] = first[j] + (jobs[j].w.rows + NR - 1) / NR;
+  // Work unit = NR·PU weight rows x at most MB rows of A: small enough that the last units of a
+  // call end close together (a thread that loses its core for a while holds back one small unit,
+  // not a share of the call), large enough that packing the weight block is a few % of the unit.
+  constexpr int PU = 4;        // panels per work unit
+  constexpr int64_t MB = 288;  // rows of A per work unit (a multiple of MR)
+  std::vector<int64_t> first(njobs + 1, 0), nmb(njobs);  // first unit index / row blocks of each job
+  for (int j = 0; j < njobs; ++j) {
+    nmb[j] = (jobs[j].M + MB - 1) / MB;
+    first[j + 1] = first[j] + (jobs[j].w.rows + NR * PU - 1) / (NR * PU) * nmb[j];
+  }
   const int64_t total = first[njobs];
   if (total == 0) return;
-  int64_t work = 0;
-  for (int j = 0; j < njobs; ++j) work += jobs[j].M * jobs[j].w.rows * jobs[j].w.cols;
-#pragma omp parallel if (work > (int64_t(1) << 18))
+  int64_t work = 0, kmax = 0;
+  for (int j = 0; j < njobs; ++j) {
+    work += jobs[j].M * jobs[j].w.rows * jobs[j].w.cols;
+    kmax = std::max(kmax, jobs[j].w.cols);
+  }
+  // Below ~16M multiply-adds (a decode step's projections: a few ms on one thread) the call stays
+  // on this thread: a fork/join gains little there and, when a core is shared with another
+  // process, waits for a descheduled worker far longer than the GEMM itself takes.
+#pragma omp parallel if (work >= (int64_t(1) << 24))
   {
     Scratch ps, rs;
     float* panel = nullptr;
     float* row = nullptr;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < total; ++p) {
+    for (int64_t u = 0; u < total; ++u) {
       int j = 0;
-      while (first[j + 1] <= p) ++j;
-      const GemmJob& jb = jobs[j];
-      const int64_t K = jb.w.cols, n0 = (p - first[j]) * NR, nc = std::min<int64_t>(NR, jb.w.rows - n0);
-      if (jb.M == 0) continue;
-      if (!panel) {
-        int64_t kmax = 0;
-        for (int i = 0; i < njobs; ++i) kmax = std::max(kmax, jobs[i].w.cols);
-        panel = ps.get(kmax * NR);
-        row = rs.get(kmax);
+      while (first[j + 1] <= u) ++j;
+      const GemmJob& jb0 = jobs[j];
+      const int64_t rg = (u - first[j]) / nmb[j], m0 = (u - first[j]) % nmb[j] * MB;
+      GemmJob jb = jb0;  // this unit's rows of A and C
+      jb.A = jb0.A + m0 * jb0.lda;
+      jb.C = jb0.C + m0 * jb0.ldc;
+      jb.M = std::min(MB, jb0.M - m0);
+      const int64_t K = jb.w.cols, n0 = rg * NR * PU;
+      int64_t nc[PU];
+      int np = 0;
+      for (; np < PU && n0 + np * NR < jb.w.rows; ++np) nc[np] = std::min<int64_t>(NR, jb.w.rows - n0 - np * NR);
+      const int kind = jb.w.kind;
+      if (kind == W_FP8 || kind == W_FP4) {  // whole rows decoded (block scales), then the k blocks
+        if (!row) row = rs.get(kmax);
+        float* pn = ps.get(PU * kmax * NR);
+        for (int q = 0; q < np; ++q)
+          for (int64_t i = 0; i < NR; ++i) {
+            float* pq = pn + q * K * NR;
+            if (i < nc[q]) {
+              decode_weight_row(jb.w, jb.e, n0 + q * NR + i, row);
+              for (int64_t k = 0; k < K; ++k) pq[k * NR + i] = row[k];
+            } else {
+              for (int64_t k = 0; k < K; ++k) pq[k * NR + i] = 0.f;
+            }
+          }
+        for (int64_t k0 = 0; k0 < K; k0 += KC)
+          panel_rows(jb.A + k0, jb.M, jb.lda, pn + k0 * NR, K * NR, np, std::min(KC, K - k0), jb.C + n0, jb.ldc, nc,
+                     k0 == 0);
+        continue;
       }
-      for (int64_t i = 0; i < NR; ++i) {
-        if (i < nc) {
-          decode_weight_row(jb.w, jb.e, n0 + i, row);
-          for (int64_t k = 0; k < K; ++k) panel[k * NR + i] = row[k];
-        } else {
-          for (int64_t k = 0; k < K; ++k) panel[k * NR + i] = 0.f;
+      // float weights: each k block of the unit's panels is packed right before the M rows sweep it
+      if (!panel) panel = ps.get(PU * KC * NR);
+      const int64_t es = jb.w.expert_stride ? jb.w.expert_stride : jb.w.rows * K;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kl = std::min(KC, K - k0);
+        for (int q = 0; q < np; ++q) {
+          const int64_t off = jb.e * es + (n0 + q * NR) * K + k0;
+          float* pq = panel + q * KC * NR;
+          if (kind == F32) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+            pack_block_avx2(static_cast<const float*>(jb.w.data) + off, K, nc[q], kl, pq);
+#else
+            pack_block(static_cast<const float*>(jb.w.data) + off, K, nc[q], kl, pq);
+#endif
+          } else if (kind == BF16) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+            pack_block_avx2(static_cast<const uint16_t*>(jb.w.data) + off, K, nc[q], kl, pq);
+#else
+            pack_block(static_cast<const uint16_t*>(jb.w.data) + off, K, nc[q], kl, pq);
+#endif
+          } else {
+            pack_block_f16(static_cast<const uint16_t*>(jb.w.data) + off, K, nc[q], kl, pq);
+          }
         }
+        panel_rows(jb.A + k0, jb.M, jb.lda, panel, KC * NR, np, kl, jb.C + n0, jb.ldc, nc, k0 == 0);
       }
-      panel_rows(jb.A, jb.M, jb.lda, panel, K, jb.C + n0, jb.ldc, nc);
     }
   }
 }
@@ -515,19 +663,20 @@ void grouped_linear(const void* x, int x_dtype, const void* w, int w_dtype, int6
                     int64_t N, void* out) {
   const int64_t rows = T * G;
   if (rows == 0 || N == 0) return;
-  std::vector<float> xbuf, obuf;
+  // uninitialised: no serial zero fill of up to T·G·K floats; the parallel loops below touch them first
+  std::unique_ptr<float[]> xbuf, obuf;
   const float* xf = static_cast<const float*>(x);
   if (x_dtype != F32) {
-    xbuf.resize(rows * K);
+    xbuf.reset(new float[rows * K]);
 #pragma omp parallel for schedule(static) if (rows * K > (int64_t(1) << 16))
     for (int64_t i = 0; i < rows; ++i)
-      load_row(static_cast<const char*>(x) + i * K * elem_size(x_dtype), x_dtype, xbuf.data() + i * K, K);
-    xf = xbuf.data();
+      load_row(static_cast<const char*>(x) + i * K * elem_size(x_dtype), x_dtype, xbuf.get() + i * K, K);
+    xf = xbuf.get();
   }
   float* of = static_cast<float*>(out);
   if (x_dtype != F32) {
-    obuf.resize(rows * N);
-    of = obuf.data();
+    obuf.reset(new float[rows * N]);
+    of = obuf.get();
   }
   if (T < kGroupedDirectMaxT) {
     if (w_dtype == F32) {

@@ -189,7 +189,9 @@ void indexer(const void* q, int q_dtype, const void* w, int w_dtype, const void*
   const int qes = elem_size(q_dtype), wes = elem_size(w_dtype);
   const float ninf = -std::numeric_limits<float>::infinity();
 
-#pragma omp parallel
+  // a decode step's scoring (one query x a few thousand keys) stays on this thread: a fork/join
+  // gains little there and waits long for a descheduled worker on a shared core
+#pragma omp parallel if (B * S * N * HI * dI >= (int64_t(1) << 24))
   {
     Scratch s_q, s_k, s_w, s_row;
     float* Qt = s_q.get(QB * dI * HIp);

@@ -153,8 +153,10 @@ void mix_collapse(const void* x, int x_dtype, const float* hc_fn, const float* h
   const void* X = x_dtype == F16 ? static_cast<const void*>(xf.data()) : x;
   const int xdt = x_dtype == F16 ? F32 : x_dtype;
   std::vector<float> mixes(T * nm), rs(T), pre(T * hc);
-  // a team pays off once hc_fn (or the token work) is large; a tiny call stays on this thread
-  const bool par = nm * L >= (int64_t(1) << 16) || T * nm * L >= (int64_t(1) << 20);
+  // a team pays off once the token work is large (~2M multiply-adds); a decode step's GEMV over
+  // hc_fn (V4: 1.5 MB) stays on this thread: a fork/join costs more than it saves, and much more
+  // when a core is shared with another process
+  const bool par = T * nm * L >= (int64_t(1) << 21);
   const int nthr = par ? num_threads() : 1;
   const int64_t nr = std::max<int64_t>(1, std::min<int64_t>(nm, (nthr + nb - 1) / nb));  // row ranges
   const int64_t units = nb * nr;

@@ -10,6 +10,7 @@
 // the clamp in fp32, the routing weight before w2 ([OFF]) or after it, and the k rows of a token
 // are summed in fp32 in expert order.
 #include <algorithm>
+#include <memory>
 
 #include "common.h"
 #include "kernels.h"
@@ -55,7 +56,9 @@ void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t*
       pair[rank[p]] = p;
     }
   const int xes = elem_size(x_dtype);
-  std::vector<float> ys(P * D);
+  // every row is written by the w2 GEMM; left uninitialised (no serial zero fill of P·D floats)
+  std::unique_ptr<float[]> ys_buf(new float[P * D]);
+  float* ys = ys_buf.get();
   int64_t maxn = 0;
   for (int64_t e = 0; e < E; ++e) maxn = std::max(maxn, start[e + 1] - start[e]);
   // Experts run in waves of consecutive segments holding at most `budget` rows together (all of
@@ -90,7 +93,7 @@ void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t*
       if (ne == 0) continue;
       up.push_back({xa.data() + off * D, ne, D, w1, e, g.data() + off * I, I});
       up.push_back({a3 + off * D, ne, D, w3, e, u.data() + off * I, I});
-      down.push_back({g.data() + off * I, ne, I, w2, e, ys.data() + start[e] * D, D});
+      down.push_back({g.data() + off * I, ne, I, w2, e, ys + start[e] * D, D});
     }
     run_gemms(up);
     // SwiGLU (SPEC §11.3): silu(min(g, L)) · clamp(u, −L, L) on the dtype-rounded outputs
@@ -124,7 +127,7 @@ void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t*
     run_gemms(down);
 #pragma omp parallel for schedule(static) if (par)
     for (int64_t i = 0; i < n; ++i) {
-      float* y = ys.data() + (r0 + i) * D;
+      float* y = ys + (r0 + i) * D;
       round_through(y, x_dtype, D);
       if (hf_rounding) {  // [HF]: times the routing weight in x.dtype, rounded to x.dtype
         float wt = topk_w[pair[r0 + i]];
@@ -148,7 +151,7 @@ void moe_experts(const void* x, int x_dtype, const float* topk_w, const int32_t*
       if (rank[t * k + j] >= 0) rs[nr++] = rank[t * k + j];
     std::sort(rs, rs + nr);
     for (int i = 0; i < nr; ++i) {
-      const float* y = ys.data() + rs[i] * D;
+      const float* y = ys + rs[i] * D;
       for (int64_t d = 0; d < D; ++d) o[d] += y[d];
       // [HF]: the running sum is kept in the output dtype (a bf16 model sums its experts in bf16)
       if (hf_rounding) round_through(o, out_dtype, D);

@@ -58,8 +58,6 @@ _CSA, _HCA, _SWA = "compressed_sparse_attention", "heavily_compressed_attention"
 _IMPL = "v4kernels"
 #: queries per chunk of the attention's per-head work (q projection, norm, rope, sparse_attn, output)
 _Q_CHUNK = 1024
-#: half-precision linears with at most this many rows stream their weight (grouped_linear)
-_LINEAR_STREAM_ROWS = 64
 #: per-forward-call context set by the model wrapper: {"pad": [B, L] bool or None}
 _CALL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("v4k_hf_call", default=None)
 
@@ -252,6 +250,14 @@ def _compress(comp: torch.nn.Module, x: torch.Tensor, rot: torch.nn.Module, cach
     return cache_layer.v4k_append(name, new)
 
 
+def _rope_tail(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, inverse: bool) -> None:
+    """``x = apply_rope(x, ...)`` in place on a fresh per-head tensor ``x`` [B, S, H, D]: only the
+    trailing ``2·len(freqs)`` rotary dims go through ``apply_rope`` (it leaves the others as they
+    are), so the ``D - rope`` leading dims are not copied (at V4 widths 448 of 512)."""
+    r = 2 * freqs.shape[0]
+    x[..., x.shape[-1] - r :] = v4k.apply_rope(x[..., x.shape[-1] - r :], pos, freqs, inverse=inverse, round_tables=True)
+
+
 def _attention_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -336,10 +342,10 @@ def _attention_forward(
         c1 = min(s, c0 + _Q_CHUNK)
         q = self.q_b_proj(q_res[:, c0:c1]).view(b, c1 - c0, h, hd)
         q = v4k.rms_norm(q, None, eps, hf_rounding=True)
-        q = v4k.apply_rope(q, pos[:, c0:c1], freqs, round_tables=True)
+        _rope_tail(q, pos[:, c0:c1], freqs, inverse=False)
         o = v4k.sparse_attn(q, kvbuf, sinks, idx[:, c0:c1], self.scaling)
         del q
-        o = v4k.apply_rope(o, pos[:, c0:c1], freqs, inverse=True, round_tables=True)
+        _rope_tail(o, pos[:, c0:c1], freqs, inverse=True)
         o = v4k.grouped_linear(o.reshape(b, c1 - c0, g, -1), wa).flatten(2)
         outs.append(self.o_b_proj(o))
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
@@ -365,19 +371,16 @@ def _hyper_head_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A bias-free bf16/fp16 ``nn.Linear`` as HF computes it — fp32 accumulation, one rounding to
-    ``x.dtype`` — without torch's slow half-precision CPU GEMM: up to ``_LINEAR_STREAM_ROWS``
-    rows (decode) ``grouped_linear`` with one group streams the half-precision weight once;
-    more rows (prefill) run one fp32 GEMM on the weight converted for this call (a transient
-    fp32 copy of one layer's weight). fp32 layers and non-CPU devices keep torch's GEMM."""
+    ``x.dtype`` — without torch's slow half-precision CPU GEMM: ``grouped_linear`` with one group
+    reads the half-precision weight in place (streamed once at decode, decoded one cache-resident
+    block at a time at prefill; no fp32 copy of the weight). fp32 layers and non-CPU devices keep
+    torch's GEMM."""
     w = self.weight
     if (w.dtype == torch.float32 and x.dtype == torch.float32) or x.device.type != "cpu":
         return torch.nn.functional.linear(x, w)  # accelerators: their own half-precision GEMM
     if x.dtype != w.dtype:
         raise TypeError(f"v4kernels linear: input dtype {x.dtype} != weight dtype {w.dtype} (HF would fail the same way)")
     lead = x.shape[:-1]
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows > _LINEAR_STREAM_ROWS:
-        return torch.nn.functional.linear(x.float(), w.float()).to(x.dtype)
     out = v4k.grouped_linear(x.reshape(1, -1, 1, x.shape[-1]), w.unsqueeze(0))
     return out.view(*lead, w.shape[0])
 
@@ -491,8 +494,8 @@ def apply(model: torch.nn.Module, *, attention: bool = True, mhc: bool = True, m
     norm : every RMSNorm (weighted and unweighted)
     linear : the model's plain bias-free ``nn.Linear`` layers (q/kv/o projections, indexer,
         shared expert, ``lm_head``) when their weights are bf16/fp16: fp32 accumulation and one
-        rounding (as HF) without torch's slow half-precision CPU GEMM (``grouped_linear`` at
-        decode, one fp32 GEMM per call at prefill); fp32 layers keep torch's GEMM
+        rounding (as HF) without torch's slow half-precision CPU GEMM (``grouped_linear``, which
+        reads the half-precision weight in place); fp32 layers keep torch's GEMM
 
     Raises
     ------
