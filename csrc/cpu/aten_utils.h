@@ -41,5 +41,22 @@ inline Tensor scales_f32(const Tensor& s) {
   return at::where(f.isinf(), std::numeric_limits<float>::quiet_NaN(), f).contiguous();
 }
 
+// Points v's block scales at s without converting them (WeightView::scale decodes each scale
+// where a kernel uses it): fp32 and UE8M0 scales are read in place (a copy only when not
+// contiguous), other float dtypes are converted to fp32 once. The returned tensor owns what v
+// points at.
+inline Tensor attach_scales(const Tensor& s, v4k_cpu::WeightView& v) {
+  if (s.scalar_type() == at::kFloat8_e8m0fnu) {
+    auto c = s.contiguous();
+    v.scales = nullptr;
+    v.scales_e8m0 = static_cast<const uint8_t*>(c.data_ptr());
+    return c;
+  }
+  auto c = s.to(at::kFloat).contiguous();
+  v.scales = c.data_ptr<float>();
+  v.scales_e8m0 = nullptr;
+  return c;
+}
+
 }  // namespace aten
 }  // namespace v4k_cpu

@@ -11,19 +11,22 @@
 
 namespace v4k_cpu {
 
-void decode_fp8_row(const uint8_t* row, const float* scale_row, int64_t K, float* dst) {
+// One weight row decoded to fp32; its block scales are w.scale(s0 + block).
+void decode_fp8_row(const uint8_t* row, const WeightView& w, int64_t s0, int64_t K, float* dst) {
   for (int64_t k0 = 0; k0 < K; k0 += 128) {
-    const float s = scale_row[k0 / 128];
+    const float s = w.scale(s0 + k0 / 128);
     const int64_t k1 = std::min<int64_t>(K, k0 + 128);
     for (int64_t k = k0; k < k1; ++k) dst[k] = kFp8.v[row[k]] * s;
   }
 }
 
-void decode_fp4_row(const uint8_t* row, const float* scale_row, int64_t K, float* dst) {
-  for (int64_t i = 0; i < K / 2; ++i) {
-    const float s = scale_row[(2 * i) / 32];
-    dst[2 * i] = kFp4[row[i] & 0xf] * s;
-    dst[2 * i + 1] = kFp4[row[i] >> 4] * s;
+void decode_fp4_row(const uint8_t* row, const WeightView& w, int64_t s0, int64_t K, float* dst) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float s = w.scale(s0 + b);
+    for (int64_t i = 16 * b; i < 16 * b + 16; ++i) {
+      dst[2 * i] = kFp4[row[i] & 0xf] * s;
+      dst[2 * i + 1] = kFp4[row[i] >> 4] * s;
+    }
   }
 }
 
@@ -31,10 +34,9 @@ void decode_weight_row(const WeightView& w, int64_t e, int64_t n, float* dst) {
   const int64_t R = w.rows, K = w.cols;
   if (w.kind == W_FP8) {
     const int64_t kb = (K + 127) / 128, rb = (R + 127) / 128;
-    decode_fp8_row(static_cast<const uint8_t*>(w.data) + (e * R + n) * K, w.scales + (e * rb + n / 128) * kb, K, dst);
+    decode_fp8_row(static_cast<const uint8_t*>(w.data) + (e * R + n) * K, w, (e * rb + n / 128) * kb, K, dst);
   } else if (w.kind == W_FP4) {
-    decode_fp4_row(static_cast<const uint8_t*>(w.data) + (e * R + n) * (K / 2), w.scales + (e * R + n) * (K / 32), K,
-                   dst);
+    decode_fp4_row(static_cast<const uint8_t*>(w.data) + (e * R + n) * (K / 2), w, (e * R + n) * (K / 32), K, dst);
   } else {
     const int64_t es = w.expert_stride ? w.expert_stride : R * K;
     load_row(static_cast<const char*>(w.data) + (e * es + n * K) * elem_size(w.kind), w.kind, dst, K);
@@ -354,10 +356,23 @@ namespace {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define V4K_DIRECT_AVX512 1
+#elif defined(__AVX2__) && defined(__F16C__) && !defined(__AVX512F__)
+#define V4K_DIRECT_AVX2 1
 #endif
 
-constexpr int DRN = 4;   // weight rows per tile
-constexpr int DMT = 4;   // activation rows per tile
+// AVX-512 (32 registers, decodes of one or two instructions) runs register tiles of DRN weight
+// rows x DMT activation rows over the whole K. Other ISAs (AVX2: 16 registers, decodes of several
+// instructions) share each decoded weight vector among DMT = 8 activation rows instead, and sweep
+// K in blocks of DKB so that those rows stay in L1 while every weight row of the work unit
+// passes over them (direct_unit_blocked; the vector accumulators are parked in a small buffer
+// between k blocks, which keeps each output's FMA chain exactly as in the register tiles).
+constexpr int DRN = NREG >= 32 ? 4 : 1;  // weight rows per register tile
+constexpr int DMT = NREG >= 32 ? 4 : 8;  // activation rows per tile
+// k block of the blocked path: the MT activation rows of a block take at most 16 KiB of L1 (whole
+// rows for a decode token, so each weight row then streams in one sequential pass), at least DKB
+// columns; a multiple of 128 (FP8 scale block) and of 32 (FP4 block).
+constexpr int64_t DKB = 256;
+constexpr int64_t direct_k_block(int MT) { return std::max<int64_t>(DKB, 4096 / MT / 128 * 128); }
 constexpr int64_t DRC = 32;  // weight rows per parallel work unit
 
 // The 32 weights of one FP4 block (16 packed bytes, scale s) as 32/VW vectors in nibble order.
@@ -368,6 +383,18 @@ inline void fp4_block(const uint8_t* p, float s, vf* out) {
   const __m512 lut = _mm512_mul_ps(_mm512_loadu_ps(kFp4), _mm512_set1_ps(s));
   out[0] = (vf)_mm512_maskz_permutexvar_ps(0xffff, c, lut);  // vpermps reads the index's low 4 bits
   out[1] = (vf)_mm512_maskz_permutexvar_ps(0xffff, (__m512i)((vu)c >> 4u), lut);
+#elif defined(V4K_DIRECT_AVX2)
+  // vpermps indexes 8 entries: look up the magnitude (code & 7) in the positive half of the table
+  // times s, then flip the sign for codes >= 8 (kFp4[c + 8] = -kFp4[c], and (-a)·s = -(a·s)
+  // exactly, so the result is bit for bit the product kFp4[c]·s)
+  const __m256 lut = _mm256_mul_ps(_mm256_loadu_ps(kFp4), _mm256_set1_ps(s));
+  const __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  const __m256i codes[4] = {c0, c1, _mm256_srli_epi32(c0, 4), _mm256_srli_epi32(c1, 4)};
+  for (int v = 0; v < 4; ++v) {
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(codes[v], _mm256_set1_epi32(8)), 28);
+    out[v] = (vf)_mm256_xor_ps(_mm256_permutevar8x32_ps(lut, codes[v]), _mm256_castsi256_ps(sign));
+  }
 #else
   alignas(64) float t[32];
   for (int j = 0; j < 16; ++j) {
@@ -380,7 +407,7 @@ inline void fp4_block(const uint8_t* p, float s, vf* out) {
 
 // Broadcast factor of an FP8 block scale for fp8_vec.
 inline vf fp8_factor(float s) {
-#ifdef V4K_DIRECT_AVX512
+#if defined(V4K_DIRECT_AVX512) || defined(V4K_DIRECT_AVX2)
   return vbcast(256.0f * s);
 #else
   return vbcast(s);
@@ -397,6 +424,12 @@ inline bool fp8_has_nan(const uint8_t* p, int64_t n) {
   for (; i + 64 <= n; i += 64)
     v = _mm512_max_epu8(v, _mm512_and_si512(_mm512_loadu_si512(reinterpret_cast<const void*>(p + i)), q));
   if (_mm512_cmpeq_epi8_mask(v, q) != 0) return true;
+#elif defined(V4K_DIRECT_AVX2)
+  const __m256i q = _mm256_set1_epi8(0x7f);
+  __m256i v = _mm256_setzero_si256();
+  for (; i + 32 <= n; i += 32)
+    v = _mm256_max_epu8(v, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), q));
+  if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, q)) != 0) return true;
 #endif
   for (; i < n; ++i) mx = std::max<uint8_t>(mx, p[i] & 0x7f);
   return mx == 0x7f;
@@ -415,6 +448,15 @@ inline vf fp8_vec(const uint8_t* p, vf f, bool nan) {
   const __m128i q = _mm_set1_epi8(0x7f);
   const __mmask16 bad = _mm_cmpeq_epi8_mask(_mm_and_si128(b, q), q);
   return (vf)_mm512_mask_mov_ps(v, bad, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+#elif defined(V4K_DIRECT_AVX2)
+  // the same fp16 mapping on 8 lanes (F16C's vcvtph2ps)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16(-0x4001));
+  const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), (__m256)f);
+  if (!nan) return (vf)v;
+  const __m128i q = _mm_set1_epi8(0x7f);
+  const __m256 bad = _mm256_castsi256_ps(_mm256_cvtepi8_epi32(_mm_cmpeq_epi8(_mm_and_si128(b, q), q)));
+  return (vf)_mm256_blendv_ps(v, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), bad);
 #else
   (void)nan;
   vf v;
@@ -425,7 +467,8 @@ inline vf fp8_vec(const uint8_t* p, vf f, bool nan) {
 
 // C[m, r] (row stride ldc) for RN weight rows and MT activation rows (A in nibble order).
 template <int RN, int MT>
-void fp4_tile(const float* A, int64_t lda, const uint8_t* W, const float* S, int64_t K, float* C, int64_t ldc) {
+void fp4_tile(const float* A, int64_t lda, const uint8_t* W, const WeightView& wv, int64_t s0, int64_t K, float* C,
+              int64_t ldc) {
   constexpr int NV = 32 / VW;
   const int64_t ldw = K / 2, lds = K / 32;
   vf acc[RN][MT];
@@ -433,7 +476,7 @@ void fp4_tile(const float* A, int64_t lda, const uint8_t* W, const float* S, int
     for (int m = 0; m < MT; ++m) acc[r][m] = vf{};
   for (int64_t b = 0; b < K / 32; ++b) {
     vf w[RN][NV];
-    for (int r = 0; r < RN; ++r) fp4_block(W + r * ldw + 16 * b, S[r * lds + b], w[r]);
+    for (int r = 0; r < RN; ++r) fp4_block(W + r * ldw + 16 * b, wv.scale(s0 + r * lds + b), w[r]);
     for (int v = 0; v < NV; ++v)
       for (int m = 0; m < MT; ++m) {
         const vf a = vload(A + m * lda + 32 * b + v * VW);
@@ -460,7 +503,7 @@ inline void fp8_steps(const float* A, int64_t lda, const uint8_t* W, int64_t K, 
 
 // Same for e4m3 rows W + r·K with scale rows S[r] (one scale per 128 columns).
 template <int RN, int MT>
-void fp8_tile(const float* A, int64_t lda, const uint8_t* W, const float* const* S, int64_t K, float* C,
+void fp8_tile(const float* A, int64_t lda, const uint8_t* W, const WeightView& wv, const int64_t* S, int64_t K, float* C,
               int64_t ldc) {
   const int64_t Kv = K / VW * VW;
   vf acc[RN][MT];
@@ -471,7 +514,7 @@ void fp8_tile(const float* A, int64_t lda, const uint8_t* W, const float* const*
   for (int64_t k0 = 0; k0 < Kv; k0 += 128) {
     const int64_t k1 = std::min<int64_t>(Kv, k0 + 128);
     vf f[RN];
-    for (int r = 0; r < RN; ++r) f[r] = fp8_factor(S[r][k0 / 128]);
+    for (int r = 0; r < RN; ++r) f[r] = fp8_factor(wv.scale(S[r] + k0 / 128));
     if (!nan) {
       fp8_steps<RN, MT, false>(A, lda, W, K, k0, k1, f, acc);
     } else {
@@ -481,7 +524,7 @@ void fp8_tile(const float* A, int64_t lda, const uint8_t* W, const float* const*
   for (int r = 0; r < RN; ++r)
     for (int m = 0; m < MT; ++m) {
       float s = vsum(acc[r][m]);
-      for (int64_t k = Kv; k < K; ++k) s = std::fma(A[m * lda + k], kFp8.v[W[r * K + k]] * S[r][k / 128], s);
+      for (int64_t k = Kv; k < K; ++k) s = std::fma(A[m * lda + k], kFp8.v[W[r * K + k]] * wv.scale(S[r] + k / 128), s);
       C[m * ldc + r] = s;
     }
 }
@@ -503,13 +546,25 @@ void direct_tile(const DirectJob& d, int64_t n, int64_t m) {
   const float* A = d.A + m * d.lda;
   float* C = d.C + m * d.ldc + n;
   if (w.kind == W_FP4) {
-    fp4_tile<RN, MT>(A, d.lda, static_cast<const uint8_t*>(w.data) + (d.e * R + n) * (K / 2),
-                     w.scales + (d.e * R + n) * (K / 32), K, C, d.ldc);
+    fp4_tile<RN, MT>(A, d.lda, static_cast<const uint8_t*>(w.data) + (d.e * R + n) * (K / 2), w, (d.e * R + n) * (K / 32),
+                     K, C, d.ldc);
   } else {
     const int64_t kb = (K + 127) / 128, rb = (R + 127) / 128;
-    const float* S[RN];
-    for (int r = 0; r < RN; ++r) S[r] = w.scales + (d.e * rb + (n + r) / 128) * kb;
-    fp8_tile<RN, MT>(A, d.lda, static_cast<const uint8_t*>(w.data) + (d.e * R + n) * K, S, K, C, d.ldc);
+    int64_t S[RN];
+    for (int r = 0; r < RN; ++r) S[r] = (d.e * rb + (n + r) / 128) * kb;
+    fp8_tile<RN, MT>(A, d.lda, static_cast<const uint8_t*>(w.data) + (d.e * R + n) * K, w, S, K, C, d.ldc);
+  }
+}
+
+// The last `left` (< DMT) activation rows in one tile of exactly that height.
+template <int RN, int MT>
+void direct_tail(const DirectJob& d, int64_t n, int64_t m, int64_t left) {
+  if constexpr (MT > 0) {
+    if (left == MT) {
+      direct_tile<RN, MT>(d, n, m);
+    } else {
+      direct_tail<RN, MT - 1>(d, n, m, left);
+    }
   }
 }
 
@@ -517,44 +572,135 @@ template <int RN>
 void direct_rows(const DirectJob& d, int64_t n) {
   int64_t m = 0;
   for (; m + DMT <= d.M; m += DMT) direct_tile<RN, DMT>(d, n, m);
-  switch (d.M - m) {
-    case 3: direct_tile<RN, 3>(d, n, m); break;
-    case 2: direct_tile<RN, 2>(d, n, m); break;
-    case 1: direct_tile<RN, 1>(d, n, m); break;
-    default: break;
+  direct_tail<RN, DMT - 1>(d, n, m, d.M - m);
+}
+
+// Activation rows [m0, m0 + MT) of weight rows [n0, n1) (n1 - n0 <= DRC), k block by k block.
+// Per output: one VW-lane accumulator, FMAs in k order (FP4 in nibble order), lanes summed in
+// order, FP8's scalar tail: the summation order of fp8_tile / fp4_tile.
+template <int MT>
+void direct_unit_blocked(const DirectJob& d, int64_t n0, int64_t n1, int64_t m0, const bool* nan_rows, vf* park) {
+  const WeightView& w = d.w;
+  const int64_t R = w.rows, K = w.cols, lda = d.lda;
+  const bool fp4 = w.kind == W_FP4;
+  const int64_t Kv = fp4 ? K : K / VW * VW, kb = (K + 127) / 128, rb = (R + 127) / 128;
+  const uint8_t* data = static_cast<const uint8_t*>(w.data);
+  const float* A = d.A + m0 * lda;
+  for (int64_t i = 0; i < (n1 - n0) * MT; ++i) park[i] = vf{};
+  constexpr int64_t kblk = direct_k_block(MT);
+  for (int64_t k0 = 0; k0 < Kv; k0 += kblk) {
+    const int64_t k1 = std::min(Kv, k0 + kblk);
+    for (int64_t n = n0; n < n1; ++n) {
+      vf acc[MT];
+      vf* slot = park + (n - n0) * MT;
+      for (int m = 0; m < MT; ++m) acc[m] = slot[m];
+      if (fp4) {
+        const uint8_t* W = data + (d.e * R + n) * (K / 2);
+        const int64_t s0 = (d.e * R + n) * (K / 32);
+        for (int64_t b = k0 / 32; b < k1 / 32; ++b) {
+          vf wv[32 / VW];
+          fp4_block(W + 16 * b, w.scale(s0 + b), wv);
+          for (int v = 0; v < 32 / VW; ++v)
+            for (int m = 0; m < MT; ++m) acc[m] = vfma(wv[v], vload(A + m * lda + 32 * b + v * VW), acc[m]);
+        }
+      } else {
+        const uint8_t* W = data + (d.e * R + n) * K;
+        const int64_t s0 = (d.e * rb + n / 128) * kb;
+        const bool nan = nan_rows[n - n0];
+        for (int64_t ks = k0; ks < k1; ks += 128) {
+          const int64_t ke = std::min(k1, ks + 128);
+          const vf f = fp8_factor(w.scale(s0 + ks / 128));
+          for (int64_t k = ks; k < ke; k += VW) {
+            const vf wv = fp8_vec(W + k, f, nan);
+            for (int m = 0; m < MT; ++m) acc[m] = vfma(wv, vload(A + m * lda + k), acc[m]);
+          }
+        }
+      }
+      for (int m = 0; m < MT; ++m) slot[m] = acc[m];
+    }
   }
+  for (int64_t n = n0; n < n1; ++n)
+    for (int m = 0; m < MT; ++m) {
+      float s = vsum(park[(n - n0) * MT + m]);
+      if (!fp4) {
+        const uint8_t* W = data + (d.e * R + n) * K;
+        const int64_t s0 = (d.e * rb + n / 128) * kb;
+        for (int64_t k = Kv; k < K; ++k) s = std::fma(A[m * lda + k], kFp8.v[W[k]] * w.scale(s0 + k / 128), s);
+      }
+      d.C[(m0 + m) * d.ldc + n] = s;
+    }
+}
+
+template <int MT>
+void direct_unit_tail(const DirectJob& d, int64_t n0, int64_t n1, int64_t m0, int64_t left, const bool* nan_rows,
+                      vf* park) {
+  if constexpr (MT > 0) {
+    if (left == MT) {
+      direct_unit_blocked<MT>(d, n0, n1, m0, nan_rows, park);
+    } else {
+      direct_unit_tail<MT - 1>(d, n0, n1, m0, left, nan_rows, park);
+    }
+  }
+}
+
+// Weight rows [n0, n1) of one job for all its activation rows.
+void direct_unit(const DirectJob& d, int64_t n0, int64_t n1) {
+#ifdef V4K_DIRECT_AVX512
+  int64_t n = n0;
+  for (; n + DRN <= n1; n += DRN) direct_rows<DRN>(d, n);
+  for (; n < n1; ++n) direct_rows<1>(d, n);
+#else
+  bool nan_rows[DRC];  // FP8 rows holding a NaN code take the lane fix-up (never in a sane checkpoint)
+  if (d.w.kind == W_FP8)
+    for (int64_t n = n0; n < n1; ++n)
+      nan_rows[n - n0] = fp8_has_nan(static_cast<const uint8_t*>(d.w.data) + (d.e * d.w.rows + n) * d.w.cols, d.w.cols);
+  alignas(64) vf park[DRC * DMT];
+  int64_t m = 0;
+  for (; m + DMT <= d.M; m += DMT) direct_unit_blocked<DMT>(d, n0, n1, m, nan_rows, park);
+  direct_unit_tail<DMT - 1>(d, n0, n1, m, d.M - m, nan_rows, park);
+#endif
 }
 
 }  // namespace
 
 void gemm_direct(const GemmJob* jobs, int njobs) {
   std::vector<DirectJob> dj(njobs);
-  std::vector<std::vector<float>> nib(njobs);  // FP4 activations in nibble order
+  // Restaged activations: FP4 tiles read them in nibble order; and the DMT rows of a tile must not
+  // be a multiple of 4 KiB apart (K = 2048 / 4096 fp32 rows are), or they all map to the same L1
+  // sets and evict each other. Restaged rows are K + 16 floats apart.
+  std::vector<std::vector<float>> staged(njobs);
   std::vector<int64_t> first(njobs + 1, 0);    // first work unit of each job
   int64_t work = 0;
   for (int j = 0; j < njobs; ++j) {
     const GemmJob& g = jobs[j];
     dj[j] = {g.A, g.M, g.lda, g.w, g.e, g.C, g.ldc};
     const int64_t K = g.w.cols;
-    if (g.w.kind == W_FP4 && g.M > 0) {
+    const bool fp4 = g.w.kind == W_FP4;
+    if (g.M > 0 && (fp4 || (g.M > 1 && (g.lda * int64_t(sizeof(float))) % 4096 == 0))) {
       const GemmJob* prev = j > 0 ? &jobs[j - 1] : nullptr;
-      if (prev && prev->w.kind == W_FP4 && prev->A == g.A && prev->M == g.M && prev->lda == g.lda &&
-          prev->w.cols == K) {
+      if (prev && dj[j - 1].A != prev->A && prev->w.kind == g.w.kind && prev->A == g.A && prev->M == g.M &&
+          prev->lda == g.lda && prev->w.cols == K) {
         dj[j].A = dj[j - 1].A;  // w1 / w3 of one expert share their input
+        dj[j].lda = dj[j - 1].lda;
       } else {
-        nib[j].resize(g.M * K);
+        const int64_t ld = K + 16;
+        staged[j].resize(g.M * ld);
         for (int64_t m = 0; m < g.M; ++m) {
           const float* a = g.A + m * g.lda;
-          float* o = nib[j].data() + m * K;
+          float* o = staged[j].data() + m * ld;
+          if (!fp4) {
+            std::copy(a, a + K, o);
+            continue;
+          }
           for (int64_t b = 0; b < K; b += 32)
             for (int64_t i = 0; i < 16; ++i) {
               o[b + i] = a[b + 2 * i];
               o[b + 16 + i] = a[b + 2 * i + 1];
             }
         }
-        dj[j].A = nib[j].data();
+        dj[j].A = staged[j].data();
+        dj[j].lda = ld;
       }
-      dj[j].lda = K;
     }
     first[j + 1] = first[j] + (g.M > 0 ? (g.w.rows + DRC - 1) / DRC : 0);
     work += g.M * g.w.rows * K;
@@ -565,10 +711,8 @@ void gemm_direct(const GemmJob* jobs, int njobs) {
     int j = 0;
     while (first[j + 1] <= p) ++j;
     const DirectJob& d = dj[j];
-    const int64_t n0 = (p - first[j]) * DRC, n1 = std::min(d.w.rows, n0 + DRC);
-    int64_t n = n0;
-    for (; n + DRN <= n1; n += DRN) direct_rows<DRN>(d, n);
-    for (; n < n1; ++n) direct_rows<1>(d, n);
+    const int64_t n0 = (p - first[j]) * DRC;
+    direct_unit(d, n0, std::min(d.w.rows, n0 + DRC));
   }
 }
 

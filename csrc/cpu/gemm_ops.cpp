@@ -42,8 +42,8 @@ Tensor fp8_gemm(const Tensor& a, const Tensor& a_s, const Tensor& b, const Tenso
   TORCH_CHECK(b_s.numel() == ((N + 127) / 128) * ((K + 127) / 128), "v4k_cpu::fp8_gemm: b_s must be [ceil(N/128), ceil(K/128)]");
   auto af = dequant_act_fp8(a.contiguous(), a_s).contiguous();
   auto bc = b.contiguous();
-  auto bs = scales_f32(b_s);
-  v4k_cpu::WeightView w{bc.data_ptr(), bs.data_ptr<float>(), v4k_cpu::W_FP8, N, K};
+  v4k_cpu::WeightView w{bc.data_ptr(), nullptr, v4k_cpu::W_FP8, N, K};
+  auto bs = attach_scales(b_s, w);
   return weight_gemm(af, w, 0).to(out_dtype);
 }
 
@@ -54,8 +54,8 @@ Tensor fp4_gemm(const Tensor& a, const Tensor& a_s, const Tensor& b, const Tenso
   TORCH_CHECK(K % 32 == 0 && b_s.numel() == N * (K / 32), "v4k_cpu::fp4_gemm: b_s must be [N, K/32]");
   auto af = dequant_act_fp8(a.contiguous(), a_s).contiguous();
   auto bc = b.contiguous().view(at::kByte);
-  auto bs = scales_f32(b_s);
-  v4k_cpu::WeightView w{bc.data_ptr(), bs.data_ptr<float>(), v4k_cpu::W_FP4, N, K};
+  v4k_cpu::WeightView w{bc.data_ptr(), nullptr, v4k_cpu::W_FP4, N, K};
+  auto bs = attach_scales(b_s, w);
   return weight_gemm(af, w, 0).to(out_dtype);
 }
 

@@ -4,7 +4,10 @@
 // v4kernels/formats.py).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
 #include "v4k_formats.h"
 
@@ -52,13 +55,31 @@ void hc_post(const void* x, int x_dtype, const void* residual, const float* post
 // [E, rows, cols/32]. A plain 2-D weight is E = 1.
 struct WeightView {
   const void* data;
-  const float* scales;
+  const float* scales;  // FP8 / FP4 kinds: fp32 block scales, read in place (or scales_e8m0)
   int kind;
   int64_t rows, cols;
   // float kinds: elements from one expert's matrix to the next (0 = rows·cols); lets a
   // [E, rows, cols] view with row-contiguous experts (e.g. one half of a fused gate_up weight)
   // be read in place
   int64_t expert_stride = 0;
+  const uint8_t* scales_e8m0 = nullptr;  // UE8M0 block scales (one byte each) instead of fp32 ones
+
+  // Block scale i as fp32, decoded where it is used (a call touches only the scales of the
+  // experts it runs, never a converted copy of all of them). UE8M0: 2^(b - 127), 0xff = NaN.
+  // An infinite fp32 scale (not representable in UE8M0) reads as NaN, so every output it scales
+  // is NaN whatever the data (docs/numerics.md).
+  float scale(int64_t i) const {
+    if (scales_e8m0) {
+      const uint32_t b = scales_e8m0[i];
+      if (b == 0xff) return std::numeric_limits<float>::quiet_NaN();
+      const uint32_t bits = b ? b << 23 : 0x00400000u;  // b = 0: 2^-127, an fp32 subnormal
+      float f;
+      std::memcpy(&f, &bits, sizeof f);
+      return f;
+    }
+    const float s = scales[i];
+    return std::isinf(s) ? std::numeric_limits<float>::quiet_NaN() : s;
+  }
 };
 
 void decode_weight_row(const WeightView& w, int64_t e, int64_t n, float* dst);

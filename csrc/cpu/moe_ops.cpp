@@ -31,15 +31,15 @@ OwnedWeight expert_weight(const Tensor& w, const c10::optional<Tensor>& w_s, con
     TORCH_CHECK(w_s.has_value() && w_s->numel() == E * ((R + 127) / 128) * ((C + 127) / 128),
                 "v4k_cpu::moe_experts: e4m3 ", name, " needs scales [E, ceil(rows/128), ceil(cols/128)]");
     o.data = w.contiguous();
-    o.scales = scales_f32(*w_s);
-    o.view = {o.data.data_ptr(), o.scales.data_ptr<float>(), v4k_cpu::W_FP8, R, C};
+    o.view = {o.data.data_ptr(), nullptr, v4k_cpu::W_FP8, R, C};
+    o.scales = attach_scales(*w_s, o.view);
   } else if (st == at::kByte || st == at::kChar || st == at::kFloat4_e2m1fn_x2) {
     const int64_t C = 2 * w.size(2);
     TORCH_CHECK(C % 32 == 0 && w_s.has_value() && w_s->numel() == E * R * (C / 32),
                 "v4k_cpu::moe_experts: packed FP4 ", name, " needs scales [E, rows, cols/32]");
     o.data = w.contiguous().view(at::kByte);
-    o.scales = scales_f32(*w_s);
-    o.view = {o.data.data_ptr(), o.scales.data_ptr<float>(), v4k_cpu::W_FP4, R, C};
+    o.view = {o.data.data_ptr(), nullptr, v4k_cpu::W_FP4, R, C};
+    o.scales = attach_scales(*w_s, o.view);
   } else {
     // float experts are read in place when each expert's [rows, cols] matrix is row-contiguous
     const int64_t C = w.size(2);
@@ -75,7 +75,7 @@ Tensor moe_experts(const Tensor& x, const Tensor& topk_weights, const Tensor& to
                   w3.size(0) == E && w2.size(0) == E,
               "v4k_cpu::moe_experts: w1, w3 must be [E, I, D] and w2 [E, D, I]");
   for (const auto* o : {&o1, &o3, &o2})
-    TORCH_CHECK(o->view.scales == nullptr || o->view.cols % 128 == 0,
+    TORCH_CHECK((o->view.kind != v4k_cpu::W_FP8 && o->view.kind != v4k_cpu::W_FP4) || o->view.cols % 128 == 0,
                 "v4k_cpu::moe_experts: quantised weights need an input dim that is a multiple of 128 (act_quant)");
   auto out = at::empty({T, D}, x.options().dtype(at::kFloat));
   if (T == 0 || D == 0) return out.to(out_dtype);
