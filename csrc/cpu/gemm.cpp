@@ -375,6 +375,17 @@ constexpr int64_t DKB = 256;
 constexpr int64_t direct_k_block(int MT) { return std::max<int64_t>(DKB, 4096 / MT / 128 * 128); }
 constexpr int64_t DRC = 32;  // weight rows per parallel work unit
 
+#ifdef V4K_DIRECT_AVX2
+// 8 e2m1 values (the low 4 bits of each 32-bit code) times the block scale, with lut = the
+// positive half of the table times the scale: vpermps indexes 8 entries, so the magnitude
+// (code & 7) is looked up and the sign flipped for codes >= 8 (kFp4[c + 8] = -kFp4[c], and
+// (-a)·s = -(a·s) exactly, so the result is bit for bit the product kFp4[c]·s).
+inline vf fp4_vec(__m256 lut, __m256i code) {
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(8)), 28);
+  return (vf)_mm256_xor_ps(_mm256_permutevar8x32_ps(lut, code), _mm256_castsi256_ps(sign));
+}
+#endif
+
 // The 32 weights of one FP4 block (16 packed bytes, scale s) as 32/VW vectors in nibble order.
 inline void fp4_block(const uint8_t* p, float s, vf* out) {
 #ifdef V4K_DIRECT_AVX512
@@ -383,19 +394,7 @@ inline void fp4_block(const uint8_t* p, float s, vf* out) {
   const __m512 lut = _mm512_mul_ps(_mm512_loadu_ps(kFp4), _mm512_set1_ps(s));
   out[0] = (vf)_mm512_maskz_permutexvar_ps(0xffff, c, lut);  // vpermps reads the index's low 4 bits
   out[1] = (vf)_mm512_maskz_permutexvar_ps(0xffff, (__m512i)((vu)c >> 4u), lut);
-#elif defined(V4K_DIRECT_AVX2)
-  // vpermps indexes 8 entries: look up the magnitude (code & 7) in the positive half of the table
-  // times s, then flip the sign for codes >= 8 (kFp4[c + 8] = -kFp4[c], and (-a)·s = -(a·s)
-  // exactly, so the result is bit for bit the product kFp4[c]·s)
-  const __m256 lut = _mm256_mul_ps(_mm256_loadu_ps(kFp4), _mm256_set1_ps(s));
-  const __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
-  const __m256i codes[4] = {c0, c1, _mm256_srli_epi32(c0, 4), _mm256_srli_epi32(c1, 4)};
-  for (int v = 0; v < 4; ++v) {
-    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(codes[v], _mm256_set1_epi32(8)), 28);
-    out[v] = (vf)_mm256_xor_ps(_mm256_permutevar8x32_ps(lut, codes[v]), _mm256_castsi256_ps(sign));
-  }
-#else
+#else  // (AVX2 decodes inline in direct_unit_blocked, one vector at a time)
   alignas(64) float t[32];
   for (int j = 0; j < 16; ++j) {
     t[j] = kFp4[p[j] & 0xf] * s;
@@ -586,10 +585,15 @@ void direct_unit_blocked(const DirectJob& d, int64_t n0, int64_t n1, int64_t m0,
   const int64_t Kv = fp4 ? K : K / VW * VW, kb = (K + 127) / 128, rb = (R + 127) / 128;
   const uint8_t* data = static_cast<const uint8_t*>(w.data);
   const float* A = d.A + m0 * lda;
-  for (int64_t i = 0; i < (n1 - n0) * MT; ++i) park[i] = vf{};
   constexpr int64_t kblk = direct_k_block(MT);
+  // the k block of the MT rows, vector-interleaved: vector j of row m at apack[(j·MT + m)·VW], so
+  // the tile addresses all its activations from one pointer (no per-row base registers)
+  alignas(64) float apack[kblk * MT];
+  for (int64_t i = 0; i < (n1 - n0) * MT; ++i) park[i] = vf{};
   for (int64_t k0 = 0; k0 < Kv; k0 += kblk) {
     const int64_t k1 = std::min(Kv, k0 + kblk);
+    for (int64_t j = 0; j < (k1 - k0) / VW; ++j)
+      for (int m = 0; m < MT; ++m) vstore(apack + (j * MT + m) * VW, vload(A + m * lda + k0 + j * VW));
     for (int64_t n = n0; n < n1; ++n) {
       vf acc[MT];
       vf* slot = park + (n - n0) * MT;
@@ -597,22 +601,36 @@ void direct_unit_blocked(const DirectJob& d, int64_t n0, int64_t n1, int64_t m0,
       if (fp4) {
         const uint8_t* W = data + (d.e * R + n) * (K / 2);
         const int64_t s0 = (d.e * R + n) * (K / 32);
+        const float* ap = apack;
         for (int64_t b = k0 / 32; b < k1 / 32; ++b) {
+#ifdef V4K_DIRECT_AVX2
+          // fp4_block's decode, one vector at a time (fewer live registers beside the MT accumulators)
+          const __m256 lut = _mm256_mul_ps(_mm256_loadu_ps(kFp4), _mm256_set1_ps(w.scale(s0 + b)));
+          const __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(W + 16 * b)));
+          const __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(W + 16 * b + 8)));
+          for (int v = 0; v < 4; ++v, ap += MT * VW) {
+            const __m256i c = v == 0 ? c0 : v == 1 ? c1 : v == 2 ? _mm256_srli_epi32(c0, 4) : _mm256_srli_epi32(c1, 4);
+            const vf wv = fp4_vec(lut, c);
+            for (int m = 0; m < MT; ++m) acc[m] = vfma(wv, vload(ap + m * VW), acc[m]);
+          }
+#else
           vf wv[32 / VW];
           fp4_block(W + 16 * b, w.scale(s0 + b), wv);
-          for (int v = 0; v < 32 / VW; ++v)
-            for (int m = 0; m < MT; ++m) acc[m] = vfma(wv[v], vload(A + m * lda + 32 * b + v * VW), acc[m]);
+          for (int v = 0; v < 32 / VW; ++v, ap += MT * VW)
+            for (int m = 0; m < MT; ++m) acc[m] = vfma(wv[v], vload(ap + m * VW), acc[m]);
+#endif
         }
       } else {
         const uint8_t* W = data + (d.e * R + n) * K;
         const int64_t s0 = (d.e * rb + n / 128) * kb;
         const bool nan = nan_rows[n - n0];
+        const float* ap = apack;
         for (int64_t ks = k0; ks < k1; ks += 128) {
           const int64_t ke = std::min(k1, ks + 128);
           const vf f = fp8_factor(w.scale(s0 + ks / 128));
-          for (int64_t k = ks; k < ke; k += VW) {
+          for (int64_t k = ks; k < ke; k += VW, ap += MT * VW) {
             const vf wv = fp8_vec(W + k, f, nan);
-            for (int m = 0; m < MT; ++m) acc[m] = vfma(wv, vload(A + m * lda + k), acc[m]);
+            for (int m = 0; m < MT; ++m) acc[m] = vfma(wv, vload(ap + m * VW), acc[m]);
           }
         }
       }
