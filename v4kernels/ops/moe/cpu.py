@@ -1,8 +1,9 @@
 """Native CPU kernel of the routed experts (csrc/cpu/moe.cpp, SPEC §11.3-11.4).
 
 The (token, slot) pairs are counting-sorted by expert (−1 ids dropped, experts without tokens
-skipped) and each expert segment runs as panel GEMMs whose weights stay bf16 / FP8 / FP4 in
-memory and are decoded one 64-row panel at a time. Quantised weights see a bit-exact C++ FP8
+skipped) and each expert segment runs as GEMMs whose weights stay bf16 / FP8 / FP4 in memory:
+FP8 / FP4 weights are decoded in registers by the direct kernel, float ones one panel at a time
+(csrc/cpu/gemm.cpp). Quantised weights see a bit-exact C++ FP8
 ``act_quant`` (block 128, power-of-two scales) of their input, linear outputs are rounded to
 ``x.dtype``, SwiGLU is clamped in fp32 and the k rows of a token are summed in fp32 in expert
 order, as in the reference.
