@@ -597,3 +597,20 @@ def test_opcheck():
         utils = {"bf16": "ALL", "fp4": ("test_schema", "test_faketensor", "test_autograd_registration"),
                  "fp8": ("test_faketensor", "test_autograd_registration")}[fmt]
         torch.library.opcheck(torch.ops.v4k.moe_experts.default, args, test_utils=utils)
+
+
+def test_experts_memoized_checks_still_read_every_calls_ids():
+    """Structural checks run once per signature; the id range is checked on every call, so a bad id
+    in a later call with a known signature is refused, and so is a bad shape of a new signature."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 128, generator=g).bfloat16()
+    w1, w3 = (torch.randn(3, 64, 128, generator=g).bfloat16() / 11 for _ in range(2))
+    w2 = torch.randn(3, 128, 64, generator=g).bfloat16() / 8
+    ids = torch.tensor([[0, 1], [2, -1], [1, 1], [-1, -1]], dtype=torch.int32)
+    wts = torch.full((4, 2), 0.5)
+    first = v4k.moe_experts(x, wts, ids, w1, w3, w2)
+    assert torch.equal(v4k.moe_experts(x, wts, ids, w1, w3, w2), first)
+    with pytest.raises(ValueError, match="topk_ids"):
+        v4k.moe_experts(x, wts, torch.tensor([[0, 1], [3, -1], [1, 1], [-1, -1]], dtype=torch.int32), w1, w3, w2)
+    with pytest.raises(ValueError, match="topk_weights"):
+        v4k.moe_experts(x, wts[:, :1], ids, w1, w3, w2)

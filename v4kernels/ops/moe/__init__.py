@@ -148,6 +148,7 @@ def _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_e
 
 def _check_moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2,
                        out_dtype, hf_rounding) -> None:
+    """Structural checks (types, dtypes, shapes, devices, options): a fact of the signature."""
     op = "moe_experts"
     C.check_tensor(op, "x", x, ndim=2, dtypes=C.FLOAT_DTYPES)
     t, d = x.shape
@@ -167,7 +168,12 @@ def _check_moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, 
         op, x=x, topk_weights=topk_weights, topk_ids=topk_ids, w1=w1, w1_scale=w1_s,
         w3=w3, w3_scale=w3_s, w2=w2, w2_scale=w2_s,
     )
-    C.check_index_range(op, "topk_ids", topk_ids, e, allow_sentinel=True)
+
+
+def _check_moe_experts_ids(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2,
+                           out_dtype, hf_rounding) -> None:
+    """The value check: every id is an expert of w1 or the −1 sentinel."""
+    C.check_index_range("moe_experts", "topk_ids", topk_ids, w1.shape[0], allow_sentinel=True)
 
 
 _moe_gate = declare_op(
@@ -185,6 +191,8 @@ _moe_experts = declare_op(
     "Tensor? w2_s, float swiglu_limit, bool weight_after_w2, ScalarType out_dtype, bool hf_rounding) -> Tensor",
     _fake_experts,
     check=_check_moe_experts,
+    value_check=_check_moe_experts_ids,
+    memoize_checks=True,
 )
 
 
@@ -342,16 +350,17 @@ def moe_experts(
     (torch.Size([4, 128]), torch.bfloat16, True)
     """
     out_dtype = C.check_out_dtype("moe_experts", out_dtype, x.dtype if isinstance(x, torch.Tensor) else torch.float32)
-    _check_moe_experts(x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_scale, swiglu_limit,
-                       weight_after_w2, out_dtype, hf_rounding)
+    key = _moe_experts.validate(x, topk_weights, topk_ids, w1, w1_scale, w3, w3_scale, w2, w2_scale, swiglu_limit,
+                                weight_after_w2, out_dtype, hf_rounding)
     (t, d), k, i, lim = x.shape, topk_ids.shape[1], w1.shape[1], float(swiglu_limit)
     if t == 0 or d == 0:
         return torch.empty((t, d), dtype=out_dtype, device=x.device)
     if k == 0 or i == 0:
         return torch.zeros((t, d), dtype=out_dtype, device=x.device)
-    return _moe_experts(
+    return _moe_experts.run_as(
+        key,
         x.contiguous(),
-        topk_weights.float().contiguous(),
+        C.contiguous_as(topk_weights, torch.float32),
         C.contiguous_as(topk_ids, torch.int32),
         _prep_weight(w1), _opt(w1_scale),
         _prep_weight(w3), _opt(w3_scale),
