@@ -614,3 +614,18 @@ def test_experts_memoized_checks_still_read_every_calls_ids():
         v4k.moe_experts(x, wts, torch.tensor([[0, 1], [3, -1], [1, 1], [-1, -1]], dtype=torch.int32), w1, w3, w2)
     with pytest.raises(ValueError, match="topk_weights"):
         v4k.moe_experts(x, wts[:, :1], ids, w1, w3, w2)
+
+
+def test_gate_memoized_checks_still_read_every_calls_hash_ids():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(3, 64, generator=g), torch.randn(8, 64, generator=g) / 8
+    table = torch.randint(0, 8, (10, 2), generator=g, dtype=torch.int32)
+    tok = torch.tensor([1, 9, 4], dtype=torch.int32)
+    first = v4k.moe_gate(x, w, topk=2, tid2eid=table, token_ids=tok)
+    assert all(torch.equal(a, b) for a, b in zip(v4k.moe_gate(x, w, topk=2, tid2eid=table, token_ids=tok), first))
+    with pytest.raises(ValueError, match="token_ids"):
+        v4k.moe_gate(x, w, topk=2, tid2eid=table, token_ids=torch.tensor([1, 10, 4], dtype=torch.int32))
+    bad = table.clone()
+    bad[3, 1] = 8
+    with pytest.raises(ValueError, match="tid2eid"):
+        v4k.moe_gate(x, w, topk=2, tid2eid=bad, token_ids=tok)

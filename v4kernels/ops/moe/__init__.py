@@ -114,6 +114,7 @@ def _check_ffn_options(op: str, swiglu_limit: object, out_dtype: object, default
 
 
 def _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing) -> None:
+    """Structural checks (types, dtypes, shapes, devices, options): a fact of the signature."""
     op = "moe_gate"
     C.check_tensor(op, "x", x, ndim=2, dtypes=C.FLOAT_DTYPES)
     t, d = x.shape
@@ -140,10 +141,13 @@ def _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_e
             raise ValueError(f"{op}: tid2eid must have shape [V, topk={topk}], got {list(tid2eid.shape)}")
         C.check_tensor(op, "token_ids", token_ids, dtypes=C.INDEX_DTYPES, shape=[t])
     C.check_same_device(op, x=x, weight=weight, bias=bias, tid2eid=tid2eid, token_ids=token_ids)
+
+
+def _check_moe_gate_ids(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing) -> None:
+    """The value checks of hash routing: table entries are experts, token ids index the table."""
     if tid2eid is not None:
-        assert token_ids is not None
-        C.check_index_range(op, "tid2eid", tid2eid, n_experts, allow_sentinel=False)
-        C.check_index_range(op, "token_ids", token_ids, tid2eid.shape[0], allow_sentinel=False)
+        C.check_index_range("moe_gate", "tid2eid", tid2eid, weight.shape[0], allow_sentinel=False)
+        C.check_index_range("moe_gate", "token_ids", token_ids, tid2eid.shape[0], allow_sentinel=False)
 
 
 def _check_moe_experts(x, topk_weights, topk_ids, w1, w1_s, w3, w3_s, w2, w2_s, swiglu_limit, weight_after_w2,
@@ -183,6 +187,8 @@ _moe_gate = declare_op(
     "bool hf_eps, bool hf_routing) -> (Tensor, Tensor, Tensor)",
     _fake_gate,
     check=_check_moe_gate,
+    value_check=_check_moe_gate_ids,
+    memoize_checks=True,
 )
 _moe_experts = declare_op(
     "moe",
@@ -257,15 +263,16 @@ def moe_gate(
     (torch.Size([3, 4]), torch.int32, True)
     """
     C.check_bool("moe_gate", "return_logits", return_logits)
-    _check_moe_gate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing)
+    key = _moe_gate.validate(x, weight, bias, tid2eid, token_ids, topk, route_scale, hf_eps, hf_routing)
     t, rs = x.shape[0], float(route_scale)
     if t == 0:
         w, ids, logits = _fake_gate(x, weight, bias, tid2eid, token_ids, topk, rs, hf_eps, hf_routing)
     else:
-        w, ids, logits = _moe_gate(
+        w, ids, logits = _moe_gate.run_as(
+            key,
             x.contiguous(),
             weight.contiguous(),
-            None if bias is None else bias.float().contiguous(),
+            None if bias is None else C.contiguous_as(bias, torch.float32),
             _opt(tid2eid),
             _opt(token_ids),
             topk,

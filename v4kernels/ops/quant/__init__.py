@@ -157,7 +157,7 @@ _act_quant = declare_op("quant", "act_quant", "(Tensor x, int block_size, bool r
                         check=_check_act_quant)
 _act_quant_roundtrip = declare_op(
     "quant", "act_quant_roundtrip", "(Tensor x, int block_size, bool round_scale) -> Tensor", _fake_roundtrip,
-    check=_check_act_quant_roundtrip,
+    check=_check_act_quant_roundtrip, memoize_checks=True,
 )
 _act_dequant = declare_op(
     "quant", "act_dequant", "(Tensor y, Tensor scales, int block_size, ScalarType out_dtype) -> Tensor", _fake_dequant,
@@ -174,9 +174,9 @@ _fp4_act_dequant = declare_op(
 _hadamard = declare_op("quant", "hadamard_transform", "(Tensor x) -> Tensor", lambda x: torch.empty_like(x),
                        check=_check_hadamard_transform)
 _fp8_gemm = declare_op("quant", "fp8_gemm", "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) -> Tensor", _fake_gemm,
-                      check=_check_fp8_gemm)
+                      check=_check_fp8_gemm, memoize_checks=True)
 _fp4_gemm = declare_op("quant", "fp4_gemm", "(Tensor a, Tensor a_s, Tensor b, Tensor b_s, ScalarType out_dtype) -> Tensor", _fake_gemm,
-                      check=_check_fp4_gemm)
+                      check=_check_fp4_gemm, memoize_checks=True)
 
 
 
@@ -242,10 +242,10 @@ def act_quant_roundtrip(x: torch.Tensor, block_size: int = 128, scale_fmt: str |
     tensor([1.])
     """
     C.check_value("act_quant_roundtrip", "scale_fmt", scale_fmt, scale_fmt in (None, "ue8m0"), "'ue8m0' or None")
-    _check_act_quant_roundtrip(x, block_size, scale_fmt is not None)
+    key = _act_quant_roundtrip.validate(x, block_size, scale_fmt is not None)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _act_quant_roundtrip(x.contiguous(), block_size, scale_fmt is not None)
+    return _act_quant_roundtrip.run_as(key, x.contiguous(), block_size, scale_fmt is not None)
 
 
 def act_dequant(y: torch.Tensor, scales: torch.Tensor, block_size: int = 128, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -363,11 +363,11 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     >>> v4kernels.fp8_gemm(a, a_s, b, b_s[:1, :1].clone()).shape
     torch.Size([2, 128])
     """
-    _check_fp8_gemm(a, a_s, b, b_s, out_dtype)
+    key = _fp8_gemm.validate(a, a_s, b, b_s, out_dtype)
     (m, k), n = a.shape, b.shape[0]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=a.device)
-    return _fp8_gemm(a.contiguous(), a_s.contiguous(), b.contiguous(), b_s.contiguous(), out_dtype)
+    return _fp8_gemm.run_as(key, a.contiguous(), a_s.contiguous(), b.contiguous(), b_s.contiguous(), out_dtype)
 
 
 def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -389,8 +389,9 @@ def fp4_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     >>> v4kernels.fp4_gemm(a, a_s, b, b_s).shape
     torch.Size([2, 64])
     """
-    _check_fp4_gemm(a, a_s, b, b_s, out_dtype)
+    key = _fp4_gemm.validate(a, a_s, b, b_s, out_dtype)
     (m, k), n = a.shape, b.shape[0]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=a.device)
-    return _fp4_gemm(a.contiguous(), a_s.contiguous(), b.contiguous().view(torch.uint8), b_s.contiguous(), out_dtype)
+    return _fp4_gemm.run_as(key, a.contiguous(), a_s.contiguous(), b.contiguous().view(torch.uint8), b_s.contiguous(),
+                            out_dtype)
