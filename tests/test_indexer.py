@@ -351,3 +351,16 @@ def test_bad_inputs(i):
     call, exc, match = cases[i]
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_memoized_checks_still_read_every_calls_positions():
+    g = torch.Generator().manual_seed(7)
+    q, w = torch.randn(1, 2, 4, 64, generator=g), torch.rand(1, 2, 4, generator=g)
+    keys = torch.randn(1, 6, 64, generator=g)
+    pos = torch.tensor([[20, 21]])
+    first = v4k.indexer_topk(q, w, keys, pos, 3)
+    assert torch.equal(v4k.indexer_topk(q, w, keys, pos, 3), first)
+    for fn in (lambda p: v4k.indexer_topk(q, w, keys, p, 3), lambda p: v4k.indexer_scores(q, w, keys, p)):
+        fn(pos)
+        with pytest.raises(ValueError, match="positions must be >= 0"):
+            fn(torch.tensor([[20, -1]]))

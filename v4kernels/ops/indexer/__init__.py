@@ -60,6 +60,10 @@ def _check_common(op, q, weights, keys, key_scales, positions, ratio) -> None:
     C.check_tensor(op, "positions", positions, dtypes=C.INDEX_DTYPES, shape=[b, s])
     C.check_int(op, "ratio", ratio, minimum=1)
     C.check_same_device(op, q=q, weights=weights, keys=keys, key_scales=key_scales, positions=positions)
+
+
+def _check_positions(op: str, positions: torch.Tensor) -> None:
+    """The value check of both ops (run on every call; the structural ones once per signature)."""
     if C.value_checks_enabled(positions) and positions.numel():
         lo, hi = C.index_bounds(positions)
         if lo < 0:
@@ -70,6 +74,14 @@ def _check_common(op, q, weights, keys, key_scales, positions, ratio) -> None:
 
 def _check_indexer_scores(q, weights, keys, key_scales, positions, ratio) -> None:
     _check_common("indexer_scores", q, weights, keys, key_scales, positions, ratio)
+
+
+def _check_indexer_scores_positions(q, weights, keys, key_scales, positions, ratio) -> None:
+    _check_positions("indexer_scores", positions)
+
+
+def _check_indexer_topk_positions(q, weights, keys, key_scales, positions, topk, ratio, offset) -> None:
+    _check_positions("indexer_topk", positions)
 
 
 def _check_indexer_topk(q, weights, keys, key_scales, positions, topk, ratio, offset) -> None:
@@ -97,6 +109,8 @@ _indexer_scores = declare_op(
     "(Tensor q, Tensor weights, Tensor keys, Tensor? key_scales, Tensor positions, int ratio) -> Tensor",
     _fake_scores,
     check=_check_indexer_scores,
+    value_check=_check_indexer_scores_positions,
+    memoize_checks=True,
 )
 _indexer_topk = declare_op(
     "indexer",
@@ -104,6 +118,8 @@ _indexer_topk = declare_op(
     "(Tensor q, Tensor weights, Tensor keys, Tensor? key_scales, Tensor positions, int topk, int ratio, int offset) -> Tensor",
     _fake_topk,
     check=_check_indexer_topk,
+    value_check=_check_indexer_topk_positions,
+    memoize_checks=True,
 )
 
 
@@ -157,13 +173,13 @@ def indexer_scores(
              [1., 1., -inf]]])
     """
     positions = _public_positions("indexer_scores", q, positions)
-    _check_indexer_scores(q, weights, keys, key_scales, positions, ratio)
+    key = _indexer_scores.validate(q, weights, keys, key_scales, positions, ratio)
     b, s = q.shape[:2]
     n = keys.shape[1]
     if b * s * n == 0:
         return torch.empty((b, s, n), dtype=torch.float32, device=q.device)
-    return _indexer_scores(q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales),
-                           C.contiguous_as(positions, torch.int64), ratio)
+    return _indexer_scores.run_as(key, q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales),
+                                  C.contiguous_as(positions, torch.int64), ratio)
 
 
 def indexer_topk(
@@ -208,12 +224,13 @@ def indexer_topk(
              [11, 12]]], dtype=torch.int32)
     """
     positions = _public_positions("indexer_topk", q, positions)
-    _check_indexer_topk(q, weights, keys, key_scales, positions, topk, ratio, offset)
+    key = _indexer_topk.validate(q, weights, keys, key_scales, positions, topk, ratio, offset)
     b, s = q.shape[:2]
     k = min(topk, keys.shape[1])
     if b * s * k == 0:
         return torch.empty((b, s, k), dtype=torch.int32, device=q.device)
-    return _indexer_topk(
+    return _indexer_topk.run_as(
+        key,
         q.contiguous(), weights.contiguous(), keys.contiguous(), _contig(key_scales), C.contiguous_as(positions, torch.int64),
         topk, ratio, offset,
     )
