@@ -285,18 +285,38 @@ def test_remembered_routes_follow_registration_and_forcing(fake_backend):
 
 def test_public_functions_trace_in_one_graph():
     """torch.compile(fullgraph=True) of the public functions: the handle takes the custom op when
-    compiling, before any native fast-path helper (which dynamo cannot trace) is called."""
+    compiling, before any native fast-path helper (which dynamo cannot trace) is called, and the
+    checks that read values run inside the custom op, not in the traced wrapper."""
     g = torch.Generator().manual_seed(0)
     q, kv = torch.randn(1, 2, 4, 64, generator=g), torch.randn(1, 10, 64, generator=g)
     sink, idx = torch.zeros(4), torch.randint(0, 10, (1, 2, 3), dtype=torch.int32, generator=g)
     x, res = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 4, 64, generator=g)
     post, comb = torch.rand(2, 1, 4, generator=g), torch.rand(2, 1, 4, 4, generator=g)
     pos, freqs = torch.arange(2).reshape(2, 1), v4k.v4_rope_frequencies(True)[:32]
+    xe = torch.randn(4, 128, generator=g).bfloat16()
+    w1, w3 = (torch.randn(3, 64, 128, generator=g).bfloat16() / 11 for _ in range(2))
+    w2 = torch.randn(3, 128, 64, generator=g).bfloat16() / 8
+    ids = torch.tensor([[0, 1], [2, -1], [1, 1], [-1, -1]], dtype=torch.int32)
+    qi, wi, keys = torch.randn(1, 2, 4, 64, generator=g), torch.rand(1, 2, 4, generator=g), torch.randn(1, 6, 64, generator=g)
+    ipos = torch.tensor([[20, 21]])
+    xc = torch.randn(1, 8, 64, generator=g)
+    wkv, wgate, ape = (torch.randn(*shape, generator=g) / 8 for shape in ((64, 64), (64, 64), (4, 64)))
+
+    def compress():
+        state = v4k.CompressorState.empty(1, 4, 32, overlap=True)
+        return v4k.compress_kv(xc, wkv, wgate, ape, torch.ones(32), v4k.rope_frequencies(16, 10000.0), state,
+                               ratio=4, quant="none")[0]
+
     cases = [
         (lambda: v4k.sparse_attn(q, kv, sink, idx, 0.1)),
         (lambda: v4k.hc_post(x, res, post, comb)),
         (lambda: v4k.rms_norm(x, None)),
         (lambda: v4k.apply_rope(res, pos, freqs)),
+        (lambda: v4k.moe_experts(xe, torch.full((4, 2), 0.5), ids, w1, w3, w2)),
+        (lambda: v4k.moe_gate(xe.float(), w1[0].float(), topk=2)[1]),
+        (lambda: v4k.indexer_topk(qi, wi, keys, ipos, 3)),
+        (lambda: v4k.indexer_scores(qi, wi, keys, ipos)),
+        compress,
     ]
     for fn in cases:
         compiled = torch.compile(fn, backend="eager", fullgraph=True)
@@ -314,3 +334,15 @@ def test_remembered_plain_signatures_keep_conversions_and_empty_cases_apart():
     assert torch.equal(got, v4k.sparse_attn(q, kv, sink.bfloat16().float(), idx, 0.1))
     assert torch.equal(v4k.sparse_attn(q, kv, sink, idx[:, :, :0], 0.1), torch.zeros_like(q))  # K = 0
     assert v4k.sparse_attn(q[:, :0], kv, sink, idx[:, :0], 0.1).shape == (1, 0, 4, 64)
+
+
+def test_compiled_public_function_still_checks_values_when_the_graph_runs():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 128, generator=g).bfloat16()
+    w1, w3 = (torch.randn(3, 64, 128, generator=g).bfloat16() / 11 for _ in range(2))
+    w2 = torch.randn(3, 128, 64, generator=g).bfloat16() / 8
+    fn = torch.compile(lambda ids: v4k.moe_experts(x, torch.full((4, 2), 0.5), ids, w1, w3, w2), backend="eager",
+                       fullgraph=True)
+    fn(torch.tensor([[0, 1], [2, -1], [1, 1], [-1, -1]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="topk_ids entries must lie in"):
+        fn(torch.tensor([[0, 1], [7, -1], [1, 1], [-1, -1]], dtype=torch.int32))
