@@ -683,42 +683,32 @@ void direct_unit(const DirectJob& d, int64_t n0, int64_t n1) {
 
 void gemm_direct(const GemmJob* jobs, int njobs) {
   std::vector<DirectJob> dj(njobs);
-  // Restaged activations: FP4 tiles read them in nibble order; and the DMT rows of a tile must not
-  // be a multiple of 4 KiB apart (K = 2048 / 4096 fp32 rows are), or they all map to the same L1
-  // sets and evict each other. Restaged rows are K + 16 floats apart.
-  std::vector<std::vector<float>> staged(njobs);
+  std::vector<std::vector<float>> nib(njobs);  // FP4 activations in nibble order
   std::vector<int64_t> first(njobs + 1, 0);    // first work unit of each job
   int64_t work = 0;
   for (int j = 0; j < njobs; ++j) {
     const GemmJob& g = jobs[j];
     dj[j] = {g.A, g.M, g.lda, g.w, g.e, g.C, g.ldc};
     const int64_t K = g.w.cols;
-    const bool fp4 = g.w.kind == W_FP4;
-    if (g.M > 0 && (fp4 || (g.M > 1 && (g.lda * int64_t(sizeof(float))) % 4096 == 0))) {
+    if (g.w.kind == W_FP4 && g.M > 0) {
       const GemmJob* prev = j > 0 ? &jobs[j - 1] : nullptr;
-      if (prev && dj[j - 1].A != prev->A && prev->w.kind == g.w.kind && prev->A == g.A && prev->M == g.M &&
-          prev->lda == g.lda && prev->w.cols == K) {
+      if (prev && prev->w.kind == W_FP4 && prev->A == g.A && prev->M == g.M && prev->lda == g.lda &&
+          prev->w.cols == K) {
         dj[j].A = dj[j - 1].A;  // w1 / w3 of one expert share their input
-        dj[j].lda = dj[j - 1].lda;
       } else {
-        const int64_t ld = K + 16;
-        staged[j].resize(g.M * ld);
+        nib[j].resize(g.M * K);
         for (int64_t m = 0; m < g.M; ++m) {
           const float* a = g.A + m * g.lda;
-          float* o = staged[j].data() + m * ld;
-          if (!fp4) {
-            std::copy(a, a + K, o);
-            continue;
-          }
+          float* o = nib[j].data() + m * K;
           for (int64_t b = 0; b < K; b += 32)
             for (int64_t i = 0; i < 16; ++i) {
               o[b + i] = a[b + 2 * i];
               o[b + 16 + i] = a[b + 2 * i + 1];
             }
         }
-        dj[j].A = staged[j].data();
-        dj[j].lda = ld;
+        dj[j].A = nib[j].data();
       }
+      dj[j].lda = K;
     }
     first[j + 1] = first[j] + (g.M > 0 ? (g.w.rows + DRC - 1) / DRC : 0);
     work += g.M * g.w.rows * K;
