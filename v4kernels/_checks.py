@@ -163,36 +163,41 @@ def index_bounds(idx: torch.Tensor) -> tuple[int, int]:
     return int(mn), int(mx)
 
 
+def value_bounds(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(min, max)`` of an integer tensor whose values are to be checked, else None. A CPU tensor
+    is read in place by the extension whatever ``V4K_CHECKS`` says (that read is cheaper than the
+    mode lookup): a caller that finds a violation must still ask :func:`value_checks_on_failure`."""
+    b = native_index_bounds(t) if native_index_bounds is not None else None
+    if b is None and t.numel() and value_checks_enabled(t):
+        b = index_bounds(t)
+    return b
+
+
+def value_checks_on_failure() -> bool:
+    """Whether a violation found by :func:`value_bounds` is reported (not with ``V4K_CHECKS=off``)."""
+    return _checks_mode() != "off"
+
+
 def check_index_range(op: str, name: str, idx: torch.Tensor, n: int, allow_sentinel: bool = True) -> None:
     """Indices must lie in ``[0, n)`` (or be the -1 sentinel). Reads values: see module doc."""
     lo = -1 if allow_sentinel else 0
-    bounds = native_index_bounds(idx) if native_index_bounds is not None else None
-    if bounds is not None:  # a CPU index tensor, read in place: in range passes whatever the mode
-        if bounds[0] >= lo and bounds[1] < n or _checks_mode() == "off":
-            return
-    elif idx.numel() == 0 or not value_checks_enabled(idx):
+    bounds = value_bounds(idx)
+    if bounds is None or bounds[0] >= lo and bounds[1] < n or not value_checks_on_failure():
         return
-    mn, mx = bounds or index_bounds(idx)
-    if mn < lo or mx >= n:
-        bad = idx[(idx < lo) | (idx >= n)]
-        exp = f"[-1, {n})" if allow_sentinel else f"[0, {n})"
-        raise ValueError(
-            f"{op}: {name} entries must lie in {exp}, got min {mn}, max {mx} "
-            f"(first offending value {int(bad.flatten()[0])})"
-        )
+    mn, mx = bounds
+    bad = idx[(idx < lo) | (idx >= n)]
+    exp = f"[-1, {n})" if allow_sentinel else f"[0, {n})"
+    raise ValueError(
+        f"{op}: {name} entries must lie in {exp}, got min {mn}, max {mx} "
+        f"(first offending value {int(bad.flatten()[0])})"
+    )
 
 
 def check_nonnegative(op: str, name: str, t: torch.Tensor) -> None:
     """Integer entries (positions) must be >= 0. Reads values: see module doc."""
-    bounds = native_index_bounds(t) if native_index_bounds is not None else None
-    if bounds is not None:
-        if bounds[0] >= 0 or _checks_mode() == "off":
-            return
-    elif t.numel() == 0 or not value_checks_enabled(t):
-        return
-    lo = (bounds or index_bounds(t))[0]
-    if lo < 0:
-        raise ValueError(f"{op}: {name} must be >= 0, got min {lo}")
+    bounds = value_bounds(t)
+    if bounds is not None and bounds[0] < 0 and value_checks_on_failure():
+        raise ValueError(f"{op}: {name} must be >= 0, got min {bounds[0]}")
 
 
 def max_alloc_bytes() -> int:

@@ -279,13 +279,13 @@ def _check_compress_kv_state(x, wkv, wgate, ape, norm_weight, freqs, pending_kv,
     op = "compress_kv"
     _check_no_overlap(op, dict(pending_kv=pending_kv, pending_score=pending_score, prev_kv=prev_kv,
                                prev_score=prev_score, n_tokens=n_tokens))
-    if C.value_checks_enabled(n_tokens) and n_tokens.numel():
-        lo, hi = C.index_bounds(n_tokens)
-        if lo < 0:
-            raise ValueError(f"{op}: state.n_tokens must be >= 0, got min {lo}")
-        s = x.shape[1]
-        if hi + s >= 2**62:
-            raise ValueError(f"{op}: state.n_tokens + S must be < 2**62, got max {hi} + {s}")
+    bounds, s = C.value_bounds(n_tokens), x.shape[1]
+    if bounds is None or 0 <= bounds[0] and bounds[1] + s < 2**62 or not C.value_checks_on_failure():
+        return
+    lo, hi = bounds
+    if lo < 0:
+        raise ValueError(f"{op}: state.n_tokens must be >= 0, got min {lo}")
+    raise ValueError(f"{op}: state.n_tokens + S must be < 2**62, got max {hi} + {s}")
 
 
 _compress_kv = declare_op(

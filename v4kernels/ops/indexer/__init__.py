@@ -64,12 +64,13 @@ def _check_common(op, q, weights, keys, key_scales, positions, ratio) -> None:
 
 def _check_positions(op: str, positions: torch.Tensor) -> None:
     """The value check of both ops (run on every call; the structural ones once per signature)."""
-    if C.value_checks_enabled(positions) and positions.numel():
-        lo, hi = C.index_bounds(positions)
-        if lo < 0:
-            raise ValueError(f"{op}: positions must be >= 0, got min {lo}")
-        if hi >= _MAX_POSITION:
-            raise ValueError(f"{op}: positions must be < 2**62, got max {hi}")
+    bounds = C.value_bounds(positions)
+    if bounds is None or 0 <= bounds[0] and bounds[1] < _MAX_POSITION or not C.value_checks_on_failure():
+        return
+    lo, hi = bounds
+    if lo < 0:
+        raise ValueError(f"{op}: positions must be >= 0, got min {lo}")
+    raise ValueError(f"{op}: positions must be < 2**62, got max {hi}")
 
 
 def _check_indexer_scores(q, weights, keys, key_scales, positions, ratio) -> None:
